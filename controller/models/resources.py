@@ -1,0 +1,341 @@
+"""The resource model: Kubernetes-style manifests for every kind Zero-Mesh stores.
+
+Specs are written by users (CLI or plain `etcdctl put`); `Node` registrations and the
+`*Status` documents are written by node agents. Every model forbids unknown fields so that a
+typo in a hand-written manifest is an error, not a silently ignored setting.
+
+Rules that need only one object live here as pydantic validators; rules that relate objects to
+each other (workload vs. its network, network vs. registered nodes) are in `validation.py`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from datetime import datetime, timezone
+from typing import Annotated, Literal, Union
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyAddress,
+    field_validator,
+    model_validator,
+)
+
+API_VERSION = "zmesh.io/v1"
+
+# 100.64.0.0/10 is the carrier-grade NAT range; the ndmz of every node lives in it.
+RESERVED_RANGE = ipaddress.IPv4Network("100.64.0.0/10")
+
+NAME_MAX = 40
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+
+
+def _check_name(value: str) -> str:
+    if len(value) > NAME_MAX:
+        raise ValueError(f"{value!r} is longer than {NAME_MAX} characters")
+    if not _NAME_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid name: use lower-case letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+    return value
+
+
+def _check_ifname(value: str) -> str:
+    if not _IFNAME_RE.match(value) or value in (".", ".."):
+        raise ValueError(f"{value!r} is not a valid interface name (1-15 of A-Z a-z 0-9 _ . -)")
+    return value
+
+
+def _check_netns(value: str) -> str:
+    # A name under /var/run/netns or an absolute path such as /proc/PID/ns/net.
+    if value.startswith("/"):
+        if "\0" in value or ".." in value.split("/"):
+            raise ValueError(f"{value!r} is not a valid namespace path")
+        return value
+    if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", value) or value in (".", ".."):
+        raise ValueError(f"{value!r} is not a valid network namespace name or absolute path")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+NodeId = Annotated[str, AfterValidator(_check_name)]
+IfName = Annotated[str, AfterValidator(_check_ifname)]
+NetnsRef = Annotated[str, AfterValidator(_check_netns)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Metadata(_Strict):
+    name: Name
+    # Set from etcd's mod_revision of the spec key when read; ignored when written, so a value
+    # written with plain etcdctl gets a generation exactly like one written by the CLI.
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+# --- Network ------------------------------------------------------------------------------
+
+
+class NetworkResourceSpec(_Strict):
+    """One node's part of a network: the node and the NR subnet its workloads live in."""
+
+    node: NodeId
+    subnet: ipaddress.IPv4Network
+
+    @field_validator("subnet", mode="before")
+    @classmethod
+    def _strict_subnet(cls, v):
+        return _parse_network(v)
+
+    @field_validator("subnet")
+    @classmethod
+    def _subnet_usable(cls, v: ipaddress.IPv4Network):
+        if v.prefixlen > 30:
+            raise ValueError(f"subnet {v} is too small: a /30 or larger holds a gateway and hosts")
+        if v.overlaps(RESERVED_RANGE):
+            raise ValueError(f"subnet {v} overlaps {RESERVED_RANGE}, reserved for the node's ndmz")
+        return v
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        return gateway_of(self.subnet)
+
+
+def gateway_of(subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
+    """The NR's own address in its subnet (and in the mesh): the first host."""
+    return subnet.network_address + 1
+
+
+def _parse_network(v):
+    if isinstance(v, str):
+        try:
+            return ipaddress.IPv4Network(v, strict=True)
+        except ValueError as e:
+            raise ValueError(f"{v!r} is not an IPv4 prefix with its host bits zero ({e})") from None
+    return v
+
+
+class NetworkSpec(_Strict):
+    ipRange: ipaddress.IPv4Network
+    resources: list[NetworkResourceSpec] = Field(default_factory=list)
+    # Ordered preference of public nodes that relay for hidden nodes; the first live one wins.
+    aggregators: list[NodeId] = Field(default_factory=list)
+    # Node whose NR is the network's sole Internet exit (None: every NR exits locally).
+    egress: NodeId | None = None
+
+    @field_validator("ipRange", mode="before")
+    @classmethod
+    def _strict_range(cls, v):
+        return _parse_network(v)
+
+    @field_validator("ipRange")
+    @classmethod
+    def _range_not_reserved(cls, v: ipaddress.IPv4Network):
+        if v.overlaps(RESERVED_RANGE):
+            raise ValueError(f"ipRange {v} overlaps {RESERVED_RANGE}, reserved for the node's ndmz")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        problems = network_spec_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def resource_for(self, node: str) -> NetworkResourceSpec | None:
+        for r in self.resources:
+            if r.node == node:
+                return r
+        return None
+
+    @property
+    def nodes(self) -> list[str]:
+        return [r.node for r in self.resources]
+
+
+def network_spec_problems(spec: NetworkSpec) -> list[str]:
+    """Every problem of one network spec that needs more than one field, one message each."""
+    problems: list[str] = []
+    seen_nodes: set[str] = set()
+    for i, r in enumerate(spec.resources):
+        if r.node in seen_nodes:
+            problems.append(f"resources[{i}]: node {r.node!r} appears more than once")
+        seen_nodes.add(r.node)
+        if not r.subnet.subnet_of(spec.ipRange):
+            problems.append(f"resources[{i}]: subnet {r.subnet} is outside ipRange {spec.ipRange}")
+    for i, a in enumerate(spec.resources):
+        for j in range(i + 1, len(spec.resources)):
+            b = spec.resources[j]
+            if a.subnet.overlaps(b.subnet):
+                problems.append(
+                    f"resources[{j}]: subnet {b.subnet} (node {b.node}) overlaps "
+                    f"{a.subnet} (node {a.node})"
+                )
+    for i, agg in enumerate(spec.aggregators):
+        if agg not in seen_nodes:
+            problems.append(f"aggregators[{i}]: {agg!r} is not a node of this network")
+    if len(set(spec.aggregators)) != len(spec.aggregators):
+        problems.append("aggregators: a node is listed more than once")
+    if spec.egress is not None and spec.egress not in seen_nodes:
+        problems.append(f"egress: {spec.egress!r} is not a node of this network")
+    return problems
+
+
+class Network(_Strict):
+    apiVersion: Literal["zmesh.io/v1"] = API_VERSION
+    kind: Literal["Network"] = "Network"
+    metadata: Metadata
+    spec: NetworkSpec
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+# --- Workload -----------------------------------------------------------------------------
+
+
+class WorkloadSpec(_Strict):
+    """A container's network namespace joined to a network on one node."""
+
+    network: Name
+    node: NodeId
+    netns: NetnsRef
+    # A fixed address in the node's subnet; when absent the node's agent allocates one.
+    ip: ipaddress.IPv4Address | None = None
+    interface: IfName = "eth0"
+
+
+class Workload(_Strict):
+    apiVersion: Literal["zmesh.io/v1"] = API_VERSION
+    kind: Literal["Workload"] = "Workload"
+    metadata: Metadata
+    spec: WorkloadSpec
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+# --- Node ---------------------------------------------------------------------------------
+
+
+class PortRange(_Strict):
+    min: int = Field(51820, ge=1, le=65535)
+    max: int = Field(52819, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min > self.max:
+            raise ValueError(f"listen port range {self.min}-{self.max} is empty")
+        return self
+
+    @classmethod
+    def parse(cls, text: str) -> "PortRange":
+        lo, sep, hi = text.partition("-")
+        try:
+            return cls(min=int(lo), max=int(hi if sep else lo))
+        except ValueError as e:
+            raise ValueError(f"bad port range {text!r}: expected MIN-MAX ({e})") from None
+
+
+class NodeSpec(_Strict):
+    # Public addresses (IPv4 and/or IPv6) other nodes can reach; none means the node is hidden.
+    endpoints: list[IPvAnyAddress] = Field(default_factory=list)
+    listenPortRange: PortRange = Field(default_factory=PortRange)
+    version: str = ""
+    capabilities: list[str] = Field(default_factory=list)
+
+    @property
+    def hidden(self) -> bool:
+        return not self.endpoints
+
+
+class Node(_Strict):
+    apiVersion: Literal["zmesh.io/v1"] = API_VERSION
+    kind: Literal["Node"] = "Node"
+    metadata: Metadata
+    spec: NodeSpec
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+# --- Status -------------------------------------------------------------------------------
+
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+class Condition(_Strict):
+    type: str
+    status: ConditionStatus
+    reason: str = ""
+    message: str = ""
+    lastTransitionTime: datetime = Field(default_factory=utcnow)
+
+
+def set_condition(conditions: list[Condition], new: Condition) -> list[Condition]:
+    """Replace the condition of the same type, keeping its transition time if status is unchanged."""
+    out = []
+    replaced = False
+    for c in conditions:
+        if c.type == new.type:
+            if c.status == new.status:
+                new = new.model_copy(update={"lastTransitionTime": c.lastTransitionTime})
+            out.append(new)
+            replaced = True
+        else:
+            out.append(c)
+    if not replaced:
+        out.append(new)
+    return out
+
+
+class ResourceStatus(_Strict):
+    """What one node's agent publishes about its NR of one network (never a private key)."""
+
+    apiVersion: Literal["zmesh.io/v1"] = API_VERSION
+    kind: Literal["NetworkResourceStatus"] = "NetworkResourceStatus"
+    network: Name
+    node: NodeId
+    observedGeneration: int = 0
+    conditions: list[Condition] = Field(default_factory=list)
+    # Facts the other NRs of the network need to peer with this one.
+    publicKey: str | None = None
+    listenPort: int | None = None
+    endpoints: list[IPvAnyAddress] = Field(default_factory=list)
+    subnet: ipaddress.IPv4Network | None = None
+
+
+class WorkloadStatus(_Strict):
+    apiVersion: Literal["zmesh.io/v1"] = API_VERSION
+    kind: Literal["WorkloadStatus"] = "WorkloadStatus"
+    workload: Name
+    node: NodeId
+    observedGeneration: int = 0
+    conditions: list[Condition] = Field(default_factory=list)
+    # The address in use: the spec's fixed ip, or the one the node allocated (kept stable).
+    ip: ipaddress.IPv4Address | None = None
+
+
+SpecObject = Union[Network, Workload]
+AnyObject = Union[Network, Workload, Node]
+KINDS: dict[str, type[BaseModel]] = {
+    "Network": Network,
+    "Workload": Workload,
+    "Node": Node,
+}
