@@ -1,0 +1,288 @@
+"""A simulated multi-node world on one Linux machine, for the tests and `zmesh demo`.
+
+Network namespaces stand in for hosts (design.md section 4):
+
+    <id>-inet   "the Internet": bridge br0 holding 198.51.100.1/24 and 2001:db8:100::1/64 (the
+                public nodes' uplink LAN) and routing to 203.0.113.0/24, where the Internet host
+                lives.
+    <id>-ihost  an Internet host, 203.0.113.10, to test egress.
+    <id>-nK     public node K: uplink veth `up0` on br0 with 198.51.100.(10+K) and/or
+                2001:db8:100::(10+K); default routes via the Internet namespace.
+
+Every node runs its own agent process (`zmesh agent`) against one shared etcd; the agent process
+stays in the machine's namespace (so it reaches etcd on loopback) and is told its host namespace
+with `--host-netns`. Everything the world creates is named with a random world id, so worlds
+never collide with each other or with the host, and is removed on exit, failure or Ctrl-C.
+The topology is built with `ip -batch`: this is test scaffolding standing in for real hosts, not
+the product's dataplane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import logging
+import os
+import secrets
+import shutil
+import signal
+import string
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PUBLIC_V4 = ipaddress.IPv4Network("198.51.100.0/24")
+PUBLIC_V6 = ipaddress.IPv6Network("2001:db8:100::/64")
+INTERNET_HOST_NET = ipaddress.IPv4Network("203.0.113.0/24")
+INTERNET_HOST = ipaddress.IPv4Address("203.0.113.10")
+
+
+def new_world_id() -> str:
+    """Three characters: short enough to fit interface names, random enough not to collide."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "z" + "".join(secrets.choice(alphabet) for _ in range(2))
+
+
+@dataclasses.dataclass
+class SimNode:
+    node_id: str
+    index: int
+    netns: str
+    name_prefix: str
+    state_dir: Path
+    ipv4: ipaddress.IPv4Address | None
+    ipv6: ipaddress.IPv6Address | None
+    metrics_port: int | None = None
+    agent: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [str(a) for a in (self.ipv4, self.ipv6) if a is not None]
+
+
+def run_ip_batch(netns: str | None, commands: list[str]) -> subprocess.CompletedProcess:
+    """Run `ip [-n NETNS] -batch -`: one fork for many commands in one namespace."""
+    args = ["ip"] + (["-n", netns] if netns else []) + ["-batch", "-"]
+    res = subprocess.run(args, input="\n".join(commands) + "\n", text=True, capture_output=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"ip -batch failed: {res.stderr.strip()}")
+    return res
+
+
+def netns_exec(netns: str, *cmd: str, timeout: float = 30, check: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", netns, *cmd], capture_output=True, text=True,
+                          timeout=timeout, check=check)
+
+
+def free_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class World:
+    """Build with `async with World(etcd_endpoints, ...) as world:`; `add_node` for each node."""
+
+    def __init__(self, etcd_endpoints: list[str], *, world_id: str | None = None,
+                 workdir: Path | None = None, agent_args: list[str] | None = None,
+                 resync_interval: float = 5.0, python: str | None = None):
+        self.id = world_id or new_world_id()
+        self.etcd_endpoints = etcd_endpoints
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"zmesh-world-{self.id}-"))
+        self.inet = f"{self.id}-inet"
+        self.ihost = f"{self.id}-ihost"
+        self.nodes: dict[str, SimNode] = {}
+        self.workload_netns: list[str] = []
+        self.agent_args = agent_args or []
+        self.resync_interval = resync_interval
+        self.python = python or sys.executable
+        self._namespaces: list[str] = []
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> "World":
+        try:
+            await asyncio.to_thread(self._build_internet)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def _add_netns(self, name: str) -> None:
+        self._namespaces.append(name)
+        run_ip_batch(None, [f"netns add {name}"])
+
+    def _build_internet(self) -> None:
+        self._add_netns(self.inet)
+        self._add_netns(self.ihost)
+        gw4 = PUBLIC_V4.network_address + 1
+        gw6 = PUBLIC_V6.network_address + 1
+        run_ip_batch(self.inet, [
+            "link set lo up",
+            "link add br0 type bridge",
+            "link set br0 up",
+            f"addr add {gw4}/{PUBLIC_V4.prefixlen} dev br0",
+            f"addr add {gw6}/{PUBLIC_V6.prefixlen} dev br0 nodad",
+            # The Internet host hangs off the Internet namespace on its own /24.
+            f"link add ihost type veth peer name up0 netns {self.ihost}",
+            "link set ihost up",
+            f"addr add {INTERNET_HOST_NET.network_address + 1}/24 dev ihost",
+        ])
+        run_ip_batch(self.ihost, [
+            "link set lo up",
+            "link set up0 up",
+            f"addr add {INTERNET_HOST}/24 dev up0",
+            f"route add default via {INTERNET_HOST_NET.network_address + 1}",
+        ])
+        for key in ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"):
+            netns_exec(self.inet, "sysctl", "-qw", key, check=True)
+
+    def add_node(self, node_id: str, *, ipv4: bool = True, ipv6: bool = True) -> SimNode:
+        """A public node on the Internet LAN (IPv4 and/or IPv6 endpoints)."""
+        index = len(self.nodes) + 1
+        netns = f"{self.id}-n{index}"
+        node = SimNode(
+            node_id=node_id, index=index, netns=netns,
+            name_prefix=f"{self.id}{index}-" if index < 10 else f"{self.id}{index}",
+            state_dir=self.workdir / node_id,
+            ipv4=(PUBLIC_V4.network_address + 10 + index) if ipv4 else None,
+            # Written so that node K reads as ...::1K, like its IPv4 address 198.51.100.1K.
+            ipv6=ipaddress.IPv6Address(f"2001:db8:100::{10 + index}") if ipv6 else None,
+        )
+        self._add_netns(netns)
+        run_ip_batch(self.inet, [
+            f"link add {self.id}p{index} type veth peer name up0 netns {netns}",
+            f"link set {self.id}p{index} master br0 up",
+        ])
+        cmds = ["link set lo up", "link set up0 up"]
+        if node.ipv4:
+            cmds += [f"addr add {node.ipv4}/{PUBLIC_V4.prefixlen} dev up0",
+                     f"route add default via {PUBLIC_V4.network_address + 1}"]
+        if node.ipv6:
+            cmds += [f"addr add {node.ipv6}/{PUBLIC_V6.prefixlen} dev up0 nodad",
+                     f"route add default via {PUBLIC_V6.network_address + 1}"]
+        run_ip_batch(netns, cmds)
+        node.state_dir.mkdir(parents=True, exist_ok=True)
+        self.nodes[node_id] = node
+        return node
+
+    def add_workload_netns(self, name: str) -> str:
+        """A bare namespace standing in for a container's network namespace."""
+        netns = f"{self.id}-{name}"
+        self._add_netns(netns)
+        run_ip_batch(netns, ["link set lo up"])
+        self.workload_netns.append(netns)
+        return netns
+
+    # --- agents ----------------------------------------------------------------------------
+
+    def agent_command(self, node: SimNode) -> list[str]:
+        cmd = [self.python, "-m", "controller.cli.main", "agent",
+               "--node-id", node.node_id,
+               "--etcd", ",".join(self.etcd_endpoints),
+               "--host-netns", node.netns,
+               "--name-prefix", node.name_prefix,
+               "--state-dir", str(node.state_dir),
+               "--resync-interval", str(self.resync_interval),
+               "--metrics-addr", f"127.0.0.1:{node.metrics_port}"]
+        for ep in node.endpoints:
+            cmd += ["--public-endpoint", ep]
+        return cmd + self.agent_args
+
+    def start_agent(self, node_id: str) -> SimNode:
+        node = self.nodes[node_id]
+        if node.agent is not None and node.agent.poll() is None:
+            raise RuntimeError(f"agent of {node_id} is already running")
+        if node.metrics_port is None:
+            node.metrics_port = free_tcp_port()
+        node.log_path = self.workdir / f"{node_id}.log"
+        logf = open(node.log_path, "ab")
+        # Own process group: Ctrl-C in a terminal reaches the demo, which stops agents in order.
+        node.agent = subprocess.Popen(self.agent_command(node), stdout=logf, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
+        logf.close()
+        return node
+
+    def stop_agent(self, node_id: str, *, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
+        node = self.nodes[node_id]
+        proc = node.agent
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        node.agent = None
+        return proc.returncode
+
+    def agent_log(self, node_id: str) -> str:
+        path = self.nodes[node_id].log_path
+        return path.read_text(errors="replace") if path and path.exists() else ""
+
+    # --- probes ----------------------------------------------------------------------------
+
+    @staticmethod
+    def ping(netns: str, address: str, *, count: int = 1, timeout: float = 1, size: int | None = None,
+             dont_fragment: bool = False) -> bool:
+        cmd = ["ping", "-n", "-q", "-c", str(count), "-W", str(timeout)]
+        if count > 1:
+            cmd += ["-i", "0.2"]
+        if size is not None:
+            cmd += ["-s", str(size)]
+        if dont_fragment:
+            cmd += ["-M", "do"]
+        return netns_exec(netns, *cmd, address, timeout=timeout * count + 10).returncode == 0
+
+    # --- teardown --------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop agents, purge what they made, delete the world's namespaces and files.
+        Each step runs even if an earlier one fails."""
+        for node_id in list(self.nodes):
+            try:
+                self.stop_agent(node_id)
+            except Exception:
+                log.exception("stopping agent of %s", node_id)
+        for node in self.nodes.values():
+            try:
+                await purge_node_dataplane(node.state_dir, node.name_prefix)
+            except Exception:
+                log.exception("purging dataplane of %s", node.node_id)
+        for ns in reversed(self._namespaces):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self._namespaces.clear()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+async def purge_node_dataplane(state_dir: Path, name_prefix: str) -> None:
+    """Remove every NR, wireguard-go process and key an agent with this state dir made."""
+    from controller.reconciler.purge import purge_node
+
+    await purge_node(state_dir=state_dir, name_prefix=name_prefix)
+
+
+def in_process_group_guard() -> None:
+    """Make SIGTERM behave like Ctrl-C so the same cleanup path runs."""
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
+__all__ = ["World", "SimNode", "new_world_id", "netns_exec", "run_ip_batch", "INTERNET_HOST",
+           "free_tcp_port", "in_process_group_guard"]
