@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     IPvAnyAddress,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -63,10 +64,13 @@ def _check_netns(value: str) -> str:
     return value
 
 
-Name = Annotated[str, AfterValidator(_check_name)]
-NodeId = Annotated[str, AfterValidator(_check_name)]
-IfName = Annotated[str, AfterValidator(_check_ifname)]
-NetnsRef = Annotated[str, AfterValidator(_check_netns)]
+# The JSON Schemas in crds/ say the same as the validators, so editors can check manifests early.
+_NAME_SCHEMA = {"type": "string", "pattern": _NAME_RE.pattern, "minLength": 1, "maxLength": NAME_MAX}
+Name = Annotated[str, AfterValidator(_check_name), WithJsonSchema(_NAME_SCHEMA)]
+NodeId = Annotated[str, AfterValidator(_check_name), WithJsonSchema(_NAME_SCHEMA)]
+IfName = Annotated[str, AfterValidator(_check_ifname),
+                   WithJsonSchema({"type": "string", "pattern": _IFNAME_RE.pattern})]
+NetnsRef = Annotated[str, AfterValidator(_check_netns), WithJsonSchema({"type": "string", "minLength": 1})]
 
 
 class _Strict(BaseModel):
@@ -115,12 +119,27 @@ def gateway_of(subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
 
 
 def _parse_network(v):
-    if isinstance(v, str):
-        try:
-            return ipaddress.IPv4Network(v, strict=True)
-        except ValueError as e:
-            raise ValueError(f"{v!r} is not an IPv4 prefix with its host bits zero ({e})") from None
-    return v
+    if isinstance(v, ipaddress.IPv4Network):
+        return v
+    # Only text: pydantic would otherwise turn an integer into a /32 without complaint.
+    # A bare address would silently become a /32: make the prefix length explicit.
+    if not isinstance(v, str) or "/" not in v:
+        raise ValueError(f"{v!r} is not an IPv4 prefix such as \"10.1.0.0/16\"")
+    try:
+        return ipaddress.IPv4Network(v, strict=True)
+    except ValueError as e:
+        raise ValueError(f"{v!r} is not an IPv4 prefix with its host bits zero ({e})") from None
+
+
+def _parse_address(v):
+    if v is None or isinstance(v, ipaddress.IPv4Address):
+        return v
+    if not isinstance(v, str):
+        raise ValueError(f"{v!r} is not an IPv4 address such as \"10.1.1.10\"")
+    try:
+        return ipaddress.IPv4Address(v)
+    except ValueError:
+        raise ValueError(f"{v!r} is not an IPv4 address") from None
 
 
 class NetworkSpec(_Strict):
@@ -212,6 +231,11 @@ class WorkloadSpec(_Strict):
     # A fixed address in the node's subnet; when absent the node's agent allocates one.
     ip: ipaddress.IPv4Address | None = None
     interface: IfName = "eth0"
+
+    @field_validator("ip", mode="before")
+    @classmethod
+    def _strict_ip(cls, v):
+        return _parse_address(v)
 
 
 class Workload(_Strict):

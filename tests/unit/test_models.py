@@ -1,0 +1,488 @@
+"""Every validation rule of the resource model, each with a valid and an invalid case.
+Pure: no root, no etcd."""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import json
+
+import pytest
+
+from controller.models.manifest import (
+    ManifestError,
+    parse_json_value,
+    parse_object,
+    split_documents,
+    to_json,
+)
+from controller.models.resources import (
+    NAME_MAX,
+    Network,
+    Node,
+    PortRange,
+    Workload,
+)
+from controller.models.validation import address_problems, unknown_nodes, workload_problems
+
+
+def network_doc(name="blue", ip_range="10.1.0.0/16", resources=None, **spec) -> dict:
+    if resources is None:
+        resources = [
+            {"node": "n1", "subnet": "10.1.1.0/24"},
+            {"node": "n2", "subnet": "10.1.2.0/24"},
+            {"node": "n3", "subnet": "10.1.3.0/24"},
+        ]
+    return {
+        "apiVersion": "zmesh.io/v1",
+        "kind": "Network",
+        "metadata": {"name": name},
+        "spec": {"ipRange": ip_range, "resources": resources, **spec},
+    }
+
+
+def workload_doc(name="web", network="blue", node="n1", ip=None, **spec) -> dict:
+    s = {"network": network, "node": node, "netns": "ctr-web", **spec}
+    if ip is not None:
+        s["ip"] = ip
+    return {"apiVersion": "zmesh.io/v1", "kind": "Workload", "metadata": {"name": name}, "spec": s}
+
+
+def problems_of(doc) -> list[str]:
+    """The problem lines for one decoded document ([] when it is valid)."""
+    try:
+        parse_object(doc, "test")
+    except ManifestError as e:
+        return e.problems
+    return []
+
+
+def assert_rejected(doc, *fragments: str) -> list[str]:
+    problems = problems_of(doc)
+    assert problems, "expected the document to be rejected"
+    text = "\n".join(problems)
+    for f in fragments:
+        assert f in text, f"{f!r} not in {text!r}"
+    return problems
+
+
+# --- names --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["a", "blue", "net-1", "0net", "a" * NAME_MAX, "x9-y8"])
+def test_dns_label_like_names_are_accepted(name):
+    assert problems_of(network_doc(name=name)) == []
+
+
+@pytest.mark.parametrize("name", [
+    "", "Blue", "-blue", "blue-", "blue_net", "blue.net", "blue net", "blue/x", "ä", "a" * (NAME_MAX + 1),
+])
+def test_other_names_are_rejected(name):
+    assert_rejected(network_doc(name=name), "metadata.name")
+
+
+def test_node_names_follow_the_same_rule():
+    doc = network_doc(resources=[{"node": "Node_1", "subnet": "10.1.1.0/24"}])
+    assert_rejected(doc, "resources.0.node", "not a valid name")
+
+
+def test_workload_network_and_node_names_follow_the_same_rule():
+    assert_rejected(workload_doc(network="Blue"), "spec.network")
+    assert_rejected(workload_doc(node="n_1"), "spec.node")
+
+
+def test_name_is_required():
+    doc = network_doc()
+    doc["metadata"] = {}
+    assert_rejected(doc, "metadata.name", "Field required")
+
+
+# --- ranges and subnets -------------------------------------------------------------------
+
+
+def test_a_network_with_subnets_inside_its_range_is_valid():
+    net = parse_object(network_doc(), "t")
+    assert isinstance(net, Network)
+    assert net.spec.nodes == ["n1", "n2", "n3"]
+    assert str(net.spec.resource_for("n2").gateway) == "10.1.2.1"
+
+
+def test_a_subnet_equal_to_the_range_is_inside_it():
+    assert problems_of(network_doc(ip_range="10.1.1.0/24",
+                                   resources=[{"node": "n1", "subnet": "10.1.1.0/24"}])) == []
+
+
+def test_a_subnet_outside_the_range_is_rejected():
+    doc = network_doc(resources=[{"node": "n1", "subnet": "10.2.1.0/24"}])
+    assert_rejected(doc, "10.2.1.0/24 is outside ipRange 10.1.0.0/16")
+
+
+def test_a_subnet_larger_than_the_range_is_rejected():
+    doc = network_doc(ip_range="10.1.1.0/24", resources=[{"node": "n1", "subnet": "10.1.0.0/16"}])
+    assert_rejected(doc, "outside ipRange")
+
+
+@pytest.mark.parametrize("value", ["10.1.0.1/16", "10.1.0.0/33", "10.1.0.0", "fd00::/64", "nonsense", 167772160, None])
+def test_ip_range_must_be_an_ipv4_prefix_with_zero_host_bits(value):
+    doc = network_doc()
+    doc["spec"]["ipRange"] = value
+    assert_rejected(doc, "spec.ipRange")
+
+
+@pytest.mark.parametrize("subnet", ["10.1.1.1/24", "10.1.1.0/31", "10.1.1.0/32", 5])
+def test_subnets_must_be_prefixes_large_enough_for_a_gateway_and_hosts(subnet):
+    assert_rejected(network_doc(resources=[{"node": "n1", "subnet": subnet}]), "resources.0.subnet")
+
+
+def test_a_slash_30_subnet_is_the_smallest_accepted():
+    assert problems_of(network_doc(resources=[{"node": "n1", "subnet": "10.1.1.0/30"}])) == []
+
+
+def test_overlapping_subnets_in_one_network_are_rejected():
+    doc = network_doc(resources=[
+        {"node": "n1", "subnet": "10.1.0.0/20"},
+        {"node": "n2", "subnet": "10.1.1.0/24"},
+    ])
+    assert_rejected(doc, "resources[1]: subnet 10.1.1.0/24 (node n2) overlaps 10.1.0.0/20 (node n1)")
+
+
+def test_identical_subnets_on_two_nodes_are_rejected():
+    doc = network_doc(resources=[
+        {"node": "n1", "subnet": "10.1.1.0/24"},
+        {"node": "n2", "subnet": "10.1.1.0/24"},
+    ])
+    assert_rejected(doc, "overlaps")
+
+
+def test_adjacent_subnets_do_not_overlap():
+    doc = network_doc(resources=[
+        {"node": "n1", "subnet": "10.1.0.0/25"},
+        {"node": "n2", "subnet": "10.1.0.128/25"},
+    ])
+    assert problems_of(doc) == []
+
+
+@pytest.mark.parametrize("ip_range", ["100.64.0.0/10", "100.64.0.0/16", "100.127.255.0/24", "100.0.0.0/8", "0.0.0.0/0"])
+def test_a_range_in_or_around_the_ndmz_range_is_rejected(ip_range):
+    doc = network_doc(ip_range=ip_range, resources=[])
+    assert_rejected(doc, "ipRange", "100.64.0.0/10")
+
+
+@pytest.mark.parametrize("ip_range", ["100.63.0.0/16", "100.128.0.0/16", "10.0.0.0/8", "192.168.0.0/16"])
+def test_ranges_next_to_the_ndmz_range_are_fine(ip_range):
+    assert problems_of(network_doc(ip_range=ip_range, resources=[])) == []
+
+
+def test_a_subnet_in_the_ndmz_range_is_rejected_even_if_range_is_too():
+    doc = network_doc(ip_range="100.0.0.0/8", resources=[{"node": "n1", "subnet": "100.64.1.0/24"}])
+    problems = assert_rejected(doc, "100.64.0.0/10")
+    assert any("resources.0.subnet" in p for p in problems)
+
+
+def test_two_networks_may_use_the_same_ranges():
+    a = parse_object(network_doc(name="blue"), "a")
+    b = parse_object(network_doc(name="red"), "b")
+    assert a.spec.ipRange == b.spec.ipRange
+    assert a.spec.resources == b.spec.resources
+
+
+# --- nodes, aggregators, egress -----------------------------------------------------------
+
+
+def test_a_node_twice_in_one_network_is_rejected():
+    doc = network_doc(resources=[
+        {"node": "n1", "subnet": "10.1.1.0/24"},
+        {"node": "n1", "subnet": "10.1.2.0/24"},
+    ])
+    assert_rejected(doc, "resources[1]: node 'n1' appears more than once")
+
+
+def test_aggregators_that_are_nodes_of_the_network_are_accepted():
+    assert problems_of(network_doc(aggregators=["n2", "n1"], egress="n3")) == []
+
+
+def test_an_aggregator_that_is_not_a_node_of_the_network_is_rejected():
+    assert_rejected(network_doc(aggregators=["n1", "n9"]), "aggregators[1]: 'n9' is not a node of this network")
+
+
+def test_an_aggregator_listed_twice_is_rejected():
+    assert_rejected(network_doc(aggregators=["n1", "n1"]), "listed more than once")
+
+
+def test_egress_must_be_a_node_of_the_network():
+    assert_rejected(network_doc(egress="n9"), "egress: 'n9' is not a node of this network")
+
+
+def test_every_problem_of_a_network_is_reported_on_its_own_line():
+    doc = network_doc(
+        resources=[
+            {"node": "n1", "subnet": "10.1.1.0/24"},
+            {"node": "n1", "subnet": "10.9.0.0/24"},
+        ],
+        aggregators=["n7"], egress="n8",
+    )
+    problems = assert_rejected(doc)
+    assert len(problems) == 4, problems
+    assert all("\n" not in p for p in problems)
+
+
+def test_unknown_nodes_are_those_not_registered():
+    net = parse_object(network_doc(), "t")
+    assert unknown_nodes(net, ["n1", "n2", "n3", "n4"]) == []
+    assert unknown_nodes(net, ["n1", "n3"]) == ["node 'n2' is not a registered node"]
+
+
+# --- workloads ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def blue() -> Network:
+    return parse_object(network_doc(), "blue")
+
+
+def wl(**kw) -> Workload:
+    return parse_object(workload_doc(**kw), "w")
+
+
+def test_a_workload_without_ip_is_valid(blue):
+    w = wl()
+    assert w.spec.interface == "eth0"
+    assert workload_problems(w, blue) == []
+
+
+def test_a_workload_with_a_host_ip_of_its_nodes_subnet_is_valid(blue):
+    assert workload_problems(wl(ip="10.1.1.10"), blue) == []
+    assert workload_problems(wl(node="n3", ip="10.1.3.254"), blue) == []
+
+
+@pytest.mark.parametrize("ip, why", [
+    ("10.1.1.0", "network address"),
+    ("10.1.1.1", "gateway"),
+    ("10.1.1.255", "broadcast address"),
+    ("10.1.2.10", "outside the node's subnet 10.1.1.0/24"),  # another node's subnet
+    ("192.168.1.10", "outside the node's subnet"),
+])
+def test_a_workload_ip_must_be_a_host_address_of_its_nodes_subnet(blue, ip, why):
+    problems = workload_problems(wl(ip=ip), blue)
+    assert len(problems) == 1 and why in problems[0]
+
+
+def test_address_problems_of_a_slash_30():
+    subnet = ipaddress.IPv4Network("10.0.0.0/30")
+    assert address_problems(ipaddress.IPv4Address("10.0.0.2"), subnet) == []
+    assert address_problems(ipaddress.IPv4Address("10.0.0.3"), subnet)  # broadcast
+
+
+def test_a_workload_ip_must_be_unique_in_its_network(blue):
+    first = wl(name="a", ip="10.1.1.10")
+    second = wl(name="b", ip="10.1.1.10")
+    assert workload_problems(second, blue, [first]) == ["ip 10.1.1.10 is already used by workload 'a'"]
+
+
+def test_the_same_workload_does_not_conflict_with_itself(blue):
+    w = wl(ip="10.1.1.10")
+    assert workload_problems(w, blue, [w]) == []
+
+
+def test_the_same_ip_in_another_network_is_fine(blue):
+    other = wl(name="a", network="red", ip="10.1.1.10")
+    assert workload_problems(wl(name="b", ip="10.1.1.10"), blue, [other]) == []
+
+
+def test_a_workload_of_a_missing_network_is_rejected():
+    assert workload_problems(wl(), None) == ["network 'blue' does not exist"]
+
+
+def test_a_workload_on_a_node_outside_its_network_is_rejected(blue):
+    assert workload_problems(wl(node="n9"), blue) == ["node 'n9' is not part of network 'blue'"]
+
+
+@pytest.mark.parametrize("ip", ["10.1.1", "fd00::1", 167837962, "10.1.1.10/24"])
+def test_a_workload_ip_must_be_an_ipv4_address(ip):
+    assert_rejected(workload_doc(ip=ip), "spec.ip")
+
+
+@pytest.mark.parametrize("netns, ok", [
+    ("ctr-web", True), ("/proc/123/ns/net", True), ("/var/run/netns/x", True),
+    ("", False), ("..", False), ("/var/run/../x", False), ("a b", False),
+])
+def test_workload_netns_is_a_name_or_an_absolute_path(netns, ok):
+    assert (problems_of(workload_doc(netns=netns)) == []) is ok
+
+
+@pytest.mark.parametrize("ifname, ok", [("eth0", True), ("net1", True), ("a" * 15, True),
+                                        ("a" * 16, False), ("", False), ("eth 0", False)])
+def test_workload_interface_is_a_linux_interface_name(ifname, ok):
+    assert (problems_of(workload_doc(interface=ifname)) == []) is ok
+
+
+# --- nodes --------------------------------------------------------------------------------
+
+
+def node_doc(**spec) -> dict:
+    return {"apiVersion": "zmesh.io/v1", "kind": "Node", "metadata": {"name": "n1"}, "spec": spec}
+
+
+def test_a_node_without_endpoints_is_hidden():
+    node = parse_object(node_doc(), "n")
+    assert isinstance(node, Node) and node.spec.hidden
+    assert not parse_object(node_doc(endpoints=["198.51.100.1", "2001:db8::1"]), "n").spec.hidden
+
+
+def test_node_endpoints_must_be_addresses():
+    assert_rejected(node_doc(endpoints=["example.org"]), "spec.endpoints.0")
+
+
+def test_port_ranges():
+    assert PortRange.parse("51820-51830") == PortRange(min=51820, max=51830)
+    assert PortRange.parse("51820") == PortRange(min=51820, max=51820)
+    for bad in ["51830-51820", "0-10", "a-b", "1-70000"]:
+        with pytest.raises(ValueError):
+            PortRange.parse(bad)
+    assert_rejected(node_doc(listenPortRange={"min": 2, "max": 1}), "empty")
+
+
+# --- documents: format, apiVersion, kind, unknown fields ----------------------------------
+
+
+def test_unknown_fields_are_rejected_everywhere():
+    for path in [(), ("metadata",), ("spec",)]:
+        doc = network_doc()
+        target = doc
+        for p in path:
+            target = target[p]
+        target["colour"] = "blue"
+        assert_rejected(doc, "colour", "Extra inputs are not permitted")
+    doc = network_doc()
+    doc["spec"]["resources"][0]["subnett"] = "10.1.9.0/24"
+    assert_rejected(doc, "resources.0.subnett")
+    assert_rejected(workload_doc(ipp="10.1.1.10"), "spec.ipp")
+
+
+@pytest.mark.parametrize("api", ["zmesh.io/v2", "v1", None, ""])
+def test_wrong_api_version_is_rejected(api):
+    doc = network_doc()
+    doc["apiVersion"] = api
+    assert_rejected(doc, "apiVersion must be 'zmesh.io/v1'")
+
+
+@pytest.mark.parametrize("kind", ["Networks", "network", "Pod", None, ["Network"]])
+def test_wrong_kind_is_rejected(kind):
+    doc = network_doc()
+    doc["kind"] = kind
+    assert_rejected(doc, "kind", "is not one of")
+
+
+def test_kinds_can_be_restricted():
+    with pytest.raises(ManifestError, match="not one of Network"):
+        parse_object(workload_doc(), "t", kinds=("Network",))
+
+
+@pytest.mark.parametrize("data", ["just text", 42, ["a"], None])
+def test_a_document_that_is_not_a_mapping_is_rejected(data):
+    assert_rejected(data, "expected a mapping")
+
+
+def test_spec_is_required():
+    doc = network_doc()
+    del doc["spec"]
+    assert_rejected(doc, "spec", "Field required")
+
+
+def test_problems_name_the_document_and_object():
+    with pytest.raises(ManifestError) as e:
+        parse_object(network_doc(egress="n9"), "net.yaml#2")
+    assert str(e.value).startswith("net.yaml#2 (Network/blue): spec: egress:")
+
+
+# --- files: YAML, JSON, several documents -------------------------------------------------
+
+
+YAML_TWO = """
+apiVersion: zmesh.io/v1
+kind: Network
+metadata: {name: blue}
+spec:
+  ipRange: 10.1.0.0/16
+  resources:
+  - {node: n1, subnet: 10.1.1.0/24}
+---
+# a comment-only document in between is skipped
+---
+apiVersion: zmesh.io/v1
+kind: Workload
+metadata: {name: web}
+spec: {network: blue, node: n1, netns: ctr-web, ip: 10.1.1.10}
+"""
+
+
+def test_a_yaml_stream_gives_one_document_each():
+    docs = split_documents(YAML_TWO, "f.yaml")
+    assert [d.where for d in docs] == ["f.yaml#1", "f.yaml#2"]
+    objs = [parse_object(d.data, d.where) for d in docs]
+    assert [type(o).__name__ for o in objs] == ["Network", "Workload"]
+
+
+def test_json_is_accepted():
+    docs = split_documents(json.dumps(network_doc()), "f.json")
+    assert len(docs) == 1 and docs[0].where == "f.json"
+    assert parse_object(docs[0].data).name == "blue"
+
+
+def test_a_json_list_and_a_kind_list_are_several_documents():
+    as_list = split_documents(json.dumps([network_doc(), workload_doc()]), "f")
+    assert [d.where for d in as_list] == ["f#1.1", "f#1.2"]
+    as_kind_list = split_documents(json.dumps({"kind": "List", "items": [network_doc()]}), "f")
+    assert len(as_kind_list) == 1
+
+
+@pytest.mark.parametrize("text", ['{"kind": "Network", ', "a: b: c", "key: [unclosed", "\t- x"])
+def test_malformed_text_is_one_clear_problem(text):
+    with pytest.raises(ManifestError) as e:
+        split_documents(text, "bad.yaml")
+    assert len(e.value.problems) == 1
+    assert e.value.problems[0].startswith("not valid YAML or JSON")
+    assert "\n" not in e.value.problems[0]
+
+
+def test_an_empty_file_has_no_documents():
+    assert split_documents("", "f") == []
+    assert split_documents("---\n---\n", "f") == []
+
+
+# --- values in etcd ----------------------------------------------------------------------
+
+
+def test_canonical_json_round_trips_and_drops_the_generation():
+    net = parse_object(network_doc(), "t")
+    net.metadata.generation = 7
+    text = to_json(net)
+    assert "generation" not in text and "labels" not in text
+    again = parse_json_value(text.encode(), "etcd")
+    assert again == parse_object(network_doc(), "t")
+    assert to_json(again) == text
+
+
+def test_canonical_json_is_stable_regardless_of_input_order():
+    doc = network_doc()
+    reordered = {"spec": doc["spec"], "metadata": doc["metadata"], "kind": "Network", "apiVersion": "zmesh.io/v1"}
+    assert to_json(parse_object(doc)) == to_json(parse_object(copy.deepcopy(reordered)))
+
+
+def test_a_hand_written_yaml_value_reads_like_json():
+    yaml_value = b"apiVersion: zmesh.io/v1\nkind: Network\nmetadata: {name: blue}\nspec:\n  ipRange: 10.1.0.0/16\n"
+    assert to_json(parse_json_value(yaml_value, "k")) == to_json(
+        parse_object(network_doc(resources=[]), "t"))
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    (b"\xff\xfe", "not UTF-8"),
+    (b"{not json: [", "neither JSON nor YAML"),
+    (b"42", "expected a mapping"),
+    (b'{"apiVersion":"zmesh.io/v1","kind":"Network","metadata":{"name":"x"},"spec":{"ipRange":"100.64.0.0/16"}}', "100.64.0.0/10"),
+])
+def test_malformed_values_in_etcd_are_reported(raw, fragment):
+    with pytest.raises(ManifestError) as e:
+        parse_json_value(raw, "/zmesh/v1/networks/x")
+    assert fragment in str(e.value)
+    assert str(e.value).startswith("/zmesh/v1/networks/x")
