@@ -1,0 +1,225 @@
+"""A private etcd for the tests and `zmesh demo`: the installed `etcd` binary on free loopback
+ports with a temporary data dir.
+
+It is stopped by the PID it started (never by name: other etcds on the machine are not ours) and
+can be restarted on the same ports and data dir, so that tests can take the store away and give
+it back. Sync methods for fixtures and the demo; `a*` variants run them in a thread so that an
+asyncio test keeps its loop (and its watches) running while etcd starts or stops.
+
+    with EmbeddedEtcd() as etcd:
+        store = EtcdStore(etcd.endpoints)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+ETCD_BINARY = "/usr/bin/etcd"
+
+
+class EtcdStartError(RuntimeError):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (the kernel picks it; a race is possible but rare)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedEtcd:
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        *,
+        name: str = "zmesh-etcd",
+        host: str = "127.0.0.1",
+        binary: str = ETCD_BINARY,
+        extra_args: tuple[str, ...] = (),
+        startup_timeout: float = 20.0,
+    ):
+        if not os.path.exists(binary):
+            raise EtcdStartError(
+                f"etcd binary {binary} not found: install it (Debian: apt-get install etcd-server)"
+            )
+        self.binary = binary
+        self.name = name
+        self.host = host
+        self.extra_args = tuple(extra_args)
+        self.startup_timeout = startup_timeout
+        # We own (and remove) the directory only if we made it.
+        self._owns_dir = data_dir is None
+        self.base_dir = data_dir or tempfile.mkdtemp(prefix="zmesh-etcd-")
+        self.data_dir = os.path.join(self.base_dir, "data")
+        self.log_path = os.path.join(self.base_dir, "etcd.log")
+        self.client_port = free_port(host)
+        self.peer_port = free_port(host)
+        self.proc: subprocess.Popen | None = None
+        atexit.register(self.close)
+
+    # --- addresses --------------------------------------------------------------------------
+
+    @property
+    def client_url(self) -> str:
+        return f"http://{self.host}:{self.client_port}"
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.client_port}"
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [self.endpoint]
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> "EmbeddedEtcd":
+        if self.running():
+            return self
+        peer = f"http://{self.host}:{self.peer_port}"
+        args = [
+            self.binary,
+            "--name", self.name,
+            "--data-dir", self.data_dir,
+            "--listen-client-urls", self.client_url,
+            "--advertise-client-urls", self.client_url,
+            "--listen-peer-urls", peer,
+            "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"{self.name}={peer}",
+            "--initial-cluster-state", "new",
+            "--logger", "zap",
+            "--log-outputs", "stderr",
+            "--log-level", "warn",
+            *self.extra_args,
+        ]
+        os.makedirs(self.base_dir, exist_ok=True)
+        log = open(self.log_path, "ab")
+        try:
+            # start_new_session: Ctrl-C in a terminal goes to us, and we stop etcd in order.
+            self.proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            )
+        finally:
+            log.close()
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise EtcdStartError(
+                    f"etcd exited with status {self.proc.returncode} while starting on "
+                    f"{self.client_url}; last log lines:\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.client_url}/health", timeout=1) as r:
+                    if json.loads(r.read()).get("health") == "true":
+                        return
+                    last = "unhealthy"
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                last = str(e)
+            time.sleep(0.05)
+        raise EtcdStartError(
+            f"etcd on {self.client_url} not healthy after {self.startup_timeout}s ({last}); "
+            f"last log lines:\n{self.log_tail()}"
+        )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the etcd we started (SIGTERM, then SIGKILL), by its PID only. Data is kept."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """Stop abruptly (SIGKILL), as a crash would."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def restart(self) -> "EmbeddedEtcd":
+        """Stop and start again with the same ports and data dir."""
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        """Stop and remove the data dir if we made it. Safe to call twice."""
+        self.stop()
+        if self._owns_dir and os.path.isdir(self.base_dir):
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+        atexit.unregister(self.close)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    # --- async variants (run in a thread so the event loop keeps going) ----------------------
+
+    async def astart(self) -> "EmbeddedEtcd":
+        return await asyncio.to_thread(self.start)
+
+    async def astop(self) -> None:
+        await asyncio.to_thread(self.stop)
+
+    async def arestart(self) -> "EmbeddedEtcd":
+        return await asyncio.to_thread(self.restart)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    def __enter__(self) -> "EmbeddedEtcd":
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "EmbeddedEtcd":
+        try:
+            return await self.astart()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"EmbeddedEtcd({self.client_url}, pid={self.pid}, dir={self.base_dir})"
