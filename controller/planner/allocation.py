@@ -1,0 +1,98 @@
+"""Pure, deterministic allocation of WireGuard listen ports (per node) and workload addresses
+(per NR subnet). Existing allocations are kept whenever they are still valid, so a resync or an
+agent restart never renumbers anything that works."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+
+from controller.models.resources import PortRange, Workload
+from controller.models.validation import address_problems
+
+
+class PortsExhausted(ValueError):
+    """Every port of the node's listen port range is taken by another network."""
+
+
+def allocate_listen_port(port_range: PortRange, in_use: Mapping[str, int], network: str) -> int:
+    """The listen port for `network`'s NR on this node.
+
+    `in_use` maps network name -> port for the NRs the node already has (may include `network`).
+    The network keeps its port while it lies in the range and no other network holds it (when
+    two do, the lexicographically first keeps it); otherwise it gets the lowest free port.
+    """
+    current = in_use.get(network)
+    others = {net: port for net, port in in_use.items() if net != network}
+    if current is not None and port_range.min <= current <= port_range.max:
+        holders = sorted(net for net, port in others.items() if port == current)
+        if not holders or network < holders[0]:
+            return current
+    taken = set(others.values())
+    for port in range(port_range.min, port_range.max + 1):
+        if port not in taken:
+            return port
+    raise PortsExhausted(
+        f"no free WireGuard listen port for network {network!r}: all "
+        f"{port_range.max - port_range.min + 1} ports of {port_range.min}-{port_range.max} are in use"
+    )
+
+
+def allocate_workload_ips(
+    subnet: ipaddress.IPv4Network,
+    workloads: Sequence[Workload],
+    previous: Mapping[str, ipaddress.IPv4Address],
+) -> tuple[dict[str, ipaddress.IPv4Address], dict[str, str]]:
+    """Addresses for the workloads of one NR: (name -> ip, name -> problem).
+
+    Order of precedence, each step deterministic:
+    1. a fixed `spec.ip` is honoured if valid in `subnet`; when several workloads ask for the
+       same address, the one that already had it keeps it, else the first by name;
+    2. a previous allocation is kept if still valid and not claimed by a fixed address (a user's
+       explicit choice wins over an automatic one) or by an earlier-named workload;
+    3. everything else gets the lowest free host (never network, gateway or broadcast address).
+    A workload that cannot get an address is reported in the problems, never raised.
+    """
+    allocated: dict[str, ipaddress.IPv4Address] = {}
+    problems: dict[str, str] = {}
+    owner: dict[ipaddress.IPv4Address, str] = {}
+    by_name = sorted(workloads, key=lambda w: w.name)
+
+    fixed = [w for w in by_name if w.spec.ip is not None]
+    # The workload already holding its fixed address comes first, then by name.
+    for w in sorted(fixed, key=lambda w: (previous.get(w.name) != w.spec.ip, w.name)):
+        ip = w.spec.ip
+        bad = address_problems(ip, subnet)
+        if bad:
+            problems[w.name] = bad[0]
+        elif ip in owner:
+            problems[w.name] = f"ip {ip} is already used by workload {owner[ip]!r}"
+        else:
+            owner[ip] = w.name
+            allocated[w.name] = ip
+
+    dynamic = [w for w in by_name if w.spec.ip is None]
+    for w in dynamic:
+        ip = previous.get(w.name)
+        if ip is not None and ip not in owner and not address_problems(ip, subnet):
+            owner[ip] = w.name
+            allocated[w.name] = ip
+
+    free = _free_hosts(subnet, owner)
+    for w in dynamic:
+        if w.name in allocated:
+            continue
+        ip = next(free, None)
+        if ip is None:
+            problems[w.name] = f"no free address left in {subnet}"
+            continue
+        owner[ip] = w.name
+        allocated[w.name] = ip
+    return allocated, problems
+
+
+def _free_hosts(subnet: ipaddress.IPv4Network, taken: Mapping[ipaddress.IPv4Address, str]):
+    """Usable host addresses of `subnet` in ascending order, skipping the gateway and `taken`."""
+    for ip in subnet.hosts():
+        if ip not in taken and not address_problems(ip, subnet):
+            yield ip

@@ -1,0 +1,300 @@
+"""plan_network(): the desired state of one node's NR of one network, from the network spec, the
+facts other nodes published (ResourceStatus), node liveness and this node's own facts.
+
+Pure: no I/O, no clock, no randomness. The result is frozen, hashable and comparable, with every
+collection sorted, so equal inputs give equal plans and "nothing changed" is a plain `==`.
+Rules (docs/planner.md has the full list with reasons):
+- a public NR peers with every other public NR whose facts are published;
+- a hidden NR peers only with the aggregator: the first of spec.aggregators that is public,
+  alive (when liveness is known) and published; AllowedIPs = the whole ipRange, keepalive 25 s;
+- the aggregator peers with each hidden NR (no endpoint: the hidden side initiates);
+- other public NRs route the hidden subnets through the aggregator's peer;
+- one route via the WireGuard interface per AllowedIPs prefix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from controller.models.resources import Network, ResourceStatus, Workload
+
+from . import names
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# An IPv6 outer header (40) + UDP (8) + WireGuard data header (16) + tag (16) = 80 bytes: the
+# worst case of both families, so overlay packets never fragment or black-hole on either.
+WG_OVERHEAD = 80
+MIN_UNDERLAY_MTU = 1280  # IPv6's minimum; WireGuard over IPv6 needs at least this
+HIDDEN_KEEPALIVE = 25  # seconds; keeps the NAT mapping of a hidden node open
+
+# Reasons of plan issues; the reconciler turns them into status conditions.
+PEER_PENDING = "PeerPending"  # a peer's facts (key, port, endpoints) are not published yet
+NO_COMMON_FAMILY = "NoCommonAddressFamily"  # a public peer has no address family we have
+NO_AGGREGATOR = "NoAggregator"  # hidden NRs exist but no aggregator is usable
+WORKLOAD_PENDING = "WorkloadAddressPending"  # a workload has no allocated address
+
+
+@dataclass(frozen=True)
+class NodeContext:
+    """What this node knows about itself. `endpoints` empty means the node is hidden."""
+
+    node_id: str
+    name_prefix: str = ""
+    endpoints: tuple[IPAddress, ...] = ()
+    underlay_mtu: int = 1500
+
+    def __post_init__(self):
+        names.check_prefix(self.name_prefix)
+        if self.underlay_mtu < MIN_UNDERLAY_MTU:
+            raise ValueError(f"underlay MTU {self.underlay_mtu} is below {MIN_UNDERLAY_MTU}")
+
+    @property
+    def hidden(self) -> bool:
+        return not self.endpoints
+
+
+@dataclass(frozen=True)
+class LocalFacts:
+    """This node's own NR facts: its public key (base64) and allocated listen port."""
+
+    public_key: str
+    listen_port: int
+
+
+@dataclass(frozen=True, order=True)
+class DesiredPeer:
+    public_key: str  # base64, as published
+    endpoint: str | None  # "ip:port" or "[v6]:port"; None: the peer initiates
+    allowed_ips: tuple[ipaddress.IPv4Network, ...]
+    persistent_keepalive: int | None = None
+    node: str = field(default="", compare=False)  # for messages and metrics only
+
+
+@dataclass(frozen=True, order=True)
+class WorkloadAttachment:
+    workload: str
+    veth: str  # NR-side name, attached to the bridge
+    netns: str  # the workload's namespace (name or /proc path)
+    interface: str  # name inside the workload namespace
+    address: ipaddress.IPv4Interface  # ip/prefix
+    gateway: ipaddress.IPv4Address
+    mtu: int
+
+
+@dataclass(frozen=True, order=True)
+class Issue:
+    reason: str
+    message: str
+    subject: str = ""  # the node or workload concerned
+
+
+@dataclass(frozen=True)
+class DesiredNR:
+    network: str
+    netns: str
+    wg_ifname: str
+    listen_port: int
+    public_key: str
+    bridge: str
+    gateway: ipaddress.IPv4Interface  # e.g. 10.1.1.1/24, on the bridge
+    mtu: int  # of the WireGuard interface, the bridge and the workload veths
+    hidden: bool
+    aggregator: str | None  # the node relaying for hidden NRs, None when none is usable
+    peers: tuple[DesiredPeer, ...]
+    routes: tuple[ipaddress.IPv4Network, ...]  # each via wg_ifname
+    workloads: tuple[WorkloadAttachment, ...]
+    issues: tuple[Issue, ...]
+
+    @property
+    def pending(self) -> tuple[str, ...]:
+        """Nodes whose facts are still awaited."""
+        return tuple(i.subject for i in self.issues if i.reason == PEER_PENDING)
+
+
+def format_endpoint(address: IPAddress, port: int) -> str:
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
+def choose_endpoint(ours: Sequence[IPAddress], theirs: Sequence[IPAddress]) -> IPAddress | None:
+    """Their address in the family both sides have, IPv4 first (cheaper headers, and NAT/IPv6
+    firewalls are more often a problem for v6); the first such address they published. None
+    when there is no common family. A hidden side (`ours` empty) connects out over IPv4 if the
+    peer has it, else IPv6."""
+    families = (4, 6) if not ours else [v for v in (4, 6) if any(a.version == v for a in ours)]
+    for version in families:
+        for address in theirs:
+            if address.version == version:
+                return address
+    return None
+
+
+@dataclass(frozen=True)
+class _Remote:
+    node: str
+    subnet: ipaddress.IPv4Network
+    status: ResourceStatus
+
+    @property
+    def public(self) -> bool:
+        return bool(self.status.endpoints)
+
+
+def _published(status: ResourceStatus | None, network: str, node: str) -> bool:
+    return (status is not None and status.network == network and status.node == node
+            and bool(status.publicKey) and status.listenPort is not None)
+
+
+def plan_network(
+    ctx: NodeContext,
+    network: Network,
+    statuses: Mapping[str, ResourceStatus],
+    alive: set[str] | frozenset[str] | None,
+    workloads: Sequence[Workload],
+    local: LocalFacts,
+    ip_allocations: Mapping[str, ipaddress.IPv4Address],
+) -> DesiredNR | None:
+    """The desired NR of `network` on `ctx.node_id`, or None if the node takes no part in it.
+
+    `statuses`: node -> the ResourceStatus that node published for this network (this node's
+    own entry and entries of nodes not in the network are ignored). `alive`: nodes with a live
+    lease, None when liveness is unknown (then every node counts as alive). `workloads`: any
+    workloads; those of this node and network are attached, with addresses from
+    `ip_allocations` (see allocation.allocate_workload_ips).
+    """
+    spec = network.spec
+    own = spec.resource_for(ctx.node_id)
+    if own is None:
+        return None
+    issues: list[Issue] = []
+
+    remotes: list[_Remote] = []
+    for r in sorted(spec.resources, key=lambda r: r.node):
+        if r.node == ctx.node_id:
+            continue
+        status = statuses.get(r.node)
+        if _published(status, network.name, r.node):
+            remotes.append(_Remote(r.node, r.subnet, status))
+        else:
+            issues.append(Issue(PEER_PENDING, f"node {r.node!r} has not published its facts for "
+                                f"network {network.name!r} yet", r.node))
+    hidden_remotes = [r for r in remotes if not r.public]
+
+    aggregator = _choose_aggregator(ctx, network, {r.node: r for r in remotes}, alive)
+    peers: list[DesiredPeer] = []
+    if ctx.hidden:
+        peers += _hidden_peers(ctx, network, remotes, aggregator, issues)
+    else:
+        peers += _public_peers(ctx, remotes, hidden_remotes, aggregator, issues)
+        if hidden_remotes and aggregator is None:
+            issues.append(Issue(NO_AGGREGATOR, _no_aggregator_message(network) + "; hidden "
+                                "subnets " + ", ".join(str(r.subnet) for r in hidden_remotes)
+                                + " are unreachable from this node"))
+
+    mtu = ctx.underlay_mtu - WG_OVERHEAD
+    gateway = ipaddress.IPv4Interface(f"{own.gateway}/{own.subnet.prefixlen}")
+    attachments = []
+    for w in sorted(workloads, key=lambda w: w.name):
+        if w.spec.node != ctx.node_id or w.spec.network != network.name:
+            continue
+        ip = ip_allocations.get(w.name)
+        if ip is None:
+            issues.append(Issue(WORKLOAD_PENDING, f"workload {w.name!r} has no address yet", w.name))
+            continue
+        attachments.append(WorkloadAttachment(
+            workload=w.name,
+            veth=names.workload_veth(ctx.name_prefix, w.name),
+            netns=w.spec.netns,
+            interface=w.spec.interface,
+            address=ipaddress.IPv4Interface(f"{ip}/{own.subnet.prefixlen}"),
+            gateway=own.gateway,
+            mtu=mtu,
+        ))
+
+    return DesiredNR(
+        network=network.name,
+        netns=names.nr_netns(ctx.name_prefix, network.name),
+        wg_ifname=names.wg_ifname(ctx.name_prefix, network.name),
+        listen_port=local.listen_port,
+        public_key=local.public_key,
+        bridge=names.NR_BRIDGE,
+        gateway=gateway,
+        mtu=mtu,
+        hidden=ctx.hidden,
+        aggregator=aggregator,
+        peers=tuple(sorted(peers)),
+        routes=tuple(sorted({prefix for p in peers for prefix in p.allowed_ips})),
+        workloads=tuple(attachments),
+        issues=tuple(sorted(issues)),
+    )
+
+
+def _choose_aggregator(ctx: NodeContext, network: Network, published: Mapping[str, _Remote],
+                       alive: set[str] | frozenset[str] | None) -> str | None:
+    """The first of spec.aggregators that is public, alive and published. Every node computes
+    this from the same etcd data, so all agree (this node judges itself by its own facts, which
+    are what it publishes)."""
+    for candidate in network.spec.aggregators:
+        if alive is not None and candidate not in alive:
+            continue
+        if candidate == ctx.node_id:
+            if not ctx.hidden:
+                return candidate
+            continue
+        remote = published.get(candidate)
+        if remote is not None and remote.public:
+            return candidate
+    return None
+
+
+def _no_aggregator_message(network: Network) -> str:
+    listed = ", ".join(network.spec.aggregators) or "none listed"
+    return (f"no aggregator is usable for network {network.name!r} (aggregators: {listed}; "
+            "one must be a public node that is alive and has published its facts)")
+
+
+def _hidden_peers(ctx: NodeContext, network: Network, remotes: Sequence[_Remote],
+                  aggregator: str | None, issues: list[Issue]) -> list[DesiredPeer]:
+    """A hidden NR reaches the whole network through the aggregator, and only through it."""
+    if aggregator is None:
+        issues.append(Issue(NO_AGGREGATOR, _no_aggregator_message(network)
+                            + "; this hidden NR has no peers"))
+        return []
+    agg = next(r for r in remotes if r.node == aggregator)
+    address = choose_endpoint(ctx.endpoints, agg.status.endpoints)
+    return [DesiredPeer(
+        public_key=agg.status.publicKey,
+        endpoint=format_endpoint(address, agg.status.listenPort),
+        allowed_ips=(network.spec.ipRange,),
+        persistent_keepalive=HIDDEN_KEEPALIVE,
+        node=agg.node,
+    )]
+
+
+def _public_peers(ctx: NodeContext, remotes: Sequence[_Remote], hidden_remotes: Sequence[_Remote],
+                  aggregator: str | None, issues: list[Issue]) -> list[DesiredPeer]:
+    peers = []
+    hidden_subnets = tuple(sorted(r.subnet for r in hidden_remotes))
+    if aggregator == ctx.node_id:
+        # The hidden side initiates (it is behind NAT) and keeps the path open.
+        peers += [DesiredPeer(r.status.publicKey, None, (r.subnet,), None, r.node)
+                  for r in hidden_remotes]
+    for r in remotes:
+        if not r.public:
+            continue
+        address = choose_endpoint(ctx.endpoints, r.status.endpoints)
+        if address is None:
+            issues.append(Issue(NO_COMMON_FAMILY, f"node {r.node!r} publishes only "
+                                f"{_families(r.status.endpoints)} endpoints and this node has "
+                                f"only {_families(ctx.endpoints)}: it is unreachable", r.node))
+            continue
+        allowed = (r.subnet,) + (hidden_subnets if r.node == aggregator else ())
+        peers.append(DesiredPeer(r.status.publicKey, format_endpoint(address, r.status.listenPort),
+                                 tuple(sorted(allowed)), None, r.node))
+    return peers
+
+
+def _families(addresses: Sequence[IPAddress]) -> str:
+    return "/".join(f"IPv{v}" for v in sorted({a.version for a in addresses}))

@@ -1,0 +1,306 @@
+"""plan_network(): peers, AllowedIPs, endpoints, routes and attachments of one node's NR.
+
+World used below (network "blue", ipRange 10.1.0.0/16):
+  p1 public 198.51.100.1 + 2001:db8::1    10.1.1.0/24   first aggregator
+  p2 public 203.0.113.2                  10.1.2.0/24   second aggregator
+  p6 public 2001:db8::6 (IPv6 only)      10.1.6.0/24
+  h1 hidden                              10.1.11.0/24
+  h2 hidden                              10.1.12.0/24
+"""
+
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network as N, ip_address
+
+import pytest
+
+from controller.models.resources import Network, ResourceStatus, Workload
+from controller.planner import names
+from controller.planner.plan import (
+    HIDDEN_KEEPALIVE, NO_AGGREGATOR, NO_COMMON_FAMILY, PEER_PENDING, WORKLOAD_PENDING,
+    DesiredPeer, LocalFacts, NodeContext, choose_endpoint, plan_network,
+)
+
+ENDPOINTS = {
+    "p1": ("198.51.100.1", "2001:db8::1"),
+    "p2": ("203.0.113.2",),
+    "p6": ("2001:db8::6",),
+    "h1": (),
+    "h2": (),
+}
+SUBNETS = {"p1": "10.1.1.0/24", "p2": "10.1.2.0/24", "p6": "10.1.6.0/24",
+           "h1": "10.1.11.0/24", "h2": "10.1.12.0/24"}
+PORTS = {"p1": 51821, "p2": 51822, "p6": 51826, "h1": 51831, "h2": 51832}
+
+
+def network(nodes=tuple(SUBNETS), aggregators=("p1", "p2")):
+    return Network.model_validate({
+        "metadata": {"name": "blue"},
+        "spec": {"ipRange": "10.1.0.0/16",
+                 "resources": [{"node": n, "subnet": SUBNETS[n]} for n in nodes],
+                 "aggregators": [a for a in aggregators if a in nodes]},
+    })
+
+
+def status(node, **override):
+    facts = dict(network="blue", node=node, publicKey=f"KEY-{node}=", listenPort=PORTS[node],
+                 endpoints=list(ENDPOINTS[node]), subnet=SUBNETS[node])
+    facts.update(override)
+    return ResourceStatus.model_validate(facts)
+
+
+def all_statuses(*except_nodes):
+    return {n: status(n) for n in SUBNETS if n not in except_nodes}
+
+
+def ctx(node, prefix="n-"):
+    return NodeContext(node, prefix, tuple(ip_address(a) for a in ENDPOINTS[node]), 1500)
+
+
+def plan(node, net=None, statuses=None, alive=None, workloads=(), ips=None):
+    return plan_network(ctx(node), net or network(), all_statuses() if statuses is None else statuses,
+                        alive, workloads, LocalFacts(f"KEY-{node}=", PORTS[node]), ips or {})
+
+
+def peers_by_node(nr):
+    return {p.node: p for p in nr.peers}
+
+
+# --- the NR itself --------------------------------------------------------------------------
+
+def test_nr_carries_names_port_gateway_and_mtu():
+    nr = plan("p1")
+    assert nr.netns == names.nr_netns("n-", "blue") == "n-zmnr-blue"
+    assert nr.wg_ifname == names.wg_ifname("n-", "blue")
+    assert nr.bridge == "zmbr"
+    assert nr.listen_port == 51821 and nr.public_key == "KEY-p1="
+    assert nr.gateway == IPv4Interface("10.1.1.1/24")
+    assert nr.mtu == 1420  # 1500 - 80: IPv6 outer header worst case
+
+
+def test_node_outside_the_network_gets_no_nr():
+    assert plan("p6", net=network(nodes=("p1", "p2"))) is None
+
+
+def test_underlay_mtu_below_ipv6_minimum_is_rejected():
+    with pytest.raises(ValueError, match="underlay MTU"):
+        NodeContext("p1", "", (), 1200)
+
+
+def test_equal_inputs_give_equal_hashable_plans():
+    assert plan("p1") == plan("p1")
+    assert hash(plan("p1")) == hash(plan("p1"))
+
+
+def test_status_order_does_not_change_the_plan():
+    statuses = all_statuses()
+    reversed_statuses = dict(reversed(list(statuses.items())))
+    assert plan("p1", statuses=statuses) == plan("p1", statuses=reversed_statuses)
+
+
+# --- public nodes -----------------------------------------------------------------------------
+
+def test_public_nr_peers_with_every_other_public_nr_by_its_subnet():
+    peers = peers_by_node(plan("p2"))
+    assert set(peers) == {"p1"}  # p6 is IPv6-only and p2 IPv4-only; hidden go via p1
+    assert peers["p1"].allowed_ips == (N("10.1.1.0/24"), N("10.1.11.0/24"), N("10.1.12.0/24"))
+
+
+def test_public_endpoint_prefers_ipv4_when_both_sides_have_it():
+    assert peers_by_node(plan("p2"))["p1"].endpoint == "198.51.100.1:51821"
+
+
+def test_public_endpoint_uses_ipv6_when_that_is_the_common_family():
+    peers = peers_by_node(plan("p6"))
+    assert peers["p1"].endpoint == "[2001:db8::1]:51821"
+    assert peers["p1"].persistent_keepalive is None
+
+
+def test_public_peer_without_common_family_is_reported_unreachable():
+    nr = plan("p6")
+    assert "p2" not in peers_by_node(nr)
+    issue = next(i for i in nr.issues if i.reason == NO_COMMON_FAMILY)
+    assert issue.subject == "p2"
+    assert "IPv4" in issue.message and "IPv6" in issue.message
+
+
+def test_aggregator_peers_with_each_hidden_nr_without_endpoint_or_keepalive():
+    peers = peers_by_node(plan("p1"))
+    assert peers["h1"] == DesiredPeer("KEY-h1=", None, (N("10.1.11.0/24"),), None)
+    assert peers["h2"].allowed_ips == (N("10.1.12.0/24"),) and peers["h2"].endpoint is None
+    assert peers["p2"].allowed_ips == (N("10.1.2.0/24"),)
+    assert peers["p6"].allowed_ips == (N("10.1.6.0/24"),)
+
+
+def test_other_public_nrs_route_hidden_subnets_through_the_aggregator_peer():
+    peers = peers_by_node(plan("p6"))
+    assert peers["p1"].allowed_ips == (N("10.1.1.0/24"), N("10.1.11.0/24"), N("10.1.12.0/24"))
+    assert "h1" not in peers and "h2" not in peers
+
+
+def test_routes_are_every_allowed_prefix_via_wireguard():
+    nr = plan("p1")
+    assert nr.routes == tuple(sorted(N(SUBNETS[n]) for n in ("p2", "p6", "h1", "h2")))
+
+
+def test_own_status_is_ignored():
+    statuses = all_statuses()
+    statuses["p1"] = status("p1", publicKey="STALE=", listenPort=1)
+    nr = plan("p1", statuses=statuses)
+    assert nr.public_key == "KEY-p1=" and nr.listen_port == 51821
+    assert "p1" not in peers_by_node(nr)
+
+
+def test_statuses_of_nodes_outside_the_network_are_ignored():
+    statuses = all_statuses()
+    nr = plan("p1", net=network(nodes=("p1", "p2")), statuses=statuses)
+    assert set(peers_by_node(nr)) == {"p2"}
+    assert nr.issues == ()
+
+
+def test_status_published_for_another_network_does_not_count():
+    statuses = all_statuses()
+    statuses["p2"] = status("p2", network="red")
+    nr = plan("p1", statuses=statuses)
+    assert "p2" not in peers_by_node(nr)
+    assert "p2" in nr.pending
+
+
+def test_peer_without_published_facts_is_pending_not_peered():
+    statuses = all_statuses("p2")
+    statuses["p6"] = status("p6", publicKey=None)
+    nr = plan("p1", statuses=statuses)
+    assert set(peers_by_node(nr)) == {"h1", "h2"}
+    assert nr.pending == ("p2", "p6")
+    assert all(i.reason == PEER_PENDING for i in nr.issues)
+
+
+def test_hidden_subnet_not_published_is_not_routed_anywhere():
+    nr = plan("p2", statuses=all_statuses("h2"))
+    assert peers_by_node(nr)["p1"].allowed_ips == (N("10.1.1.0/24"), N("10.1.11.0/24"))
+    assert nr.pending == ("h2",)
+
+
+def test_dead_peers_stay_peered_the_dataplane_outlives_the_control_plane():
+    nr = plan("p1", alive={"p1", "p2"})
+    assert set(peers_by_node(nr)) == {"p2", "p6", "h1", "h2"}
+
+
+# --- hidden nodes and the aggregator ----------------------------------------------------------
+
+def test_hidden_nr_peers_only_with_the_aggregator_for_the_whole_range():
+    nr = plan("h1")
+    assert nr.peers == (DesiredPeer("KEY-p1=", "198.51.100.1:51821", (N("10.1.0.0/16"),),
+                                    HIDDEN_KEEPALIVE),)
+    assert nr.routes == (N("10.1.0.0/16"),)
+    assert nr.aggregator == "p1" and nr.hidden
+    assert HIDDEN_KEEPALIVE == 25
+
+
+def test_hidden_nr_reaches_an_ipv6_only_aggregator_over_ipv6():
+    nr = plan("h1", net=network(aggregators=("p6",)))
+    assert nr.peers[0].endpoint == "[2001:db8::6]:51826"
+
+
+def test_dead_first_aggregator_falls_back_to_the_next_live_one():
+    alive = {"p2", "p6", "h1", "h2"}
+    h1 = plan("h1", alive=alive)
+    assert h1.aggregator == "p2"
+    assert h1.peers[0].endpoint == "203.0.113.2:51822"
+    p2 = peers_by_node(plan("p2", alive=alive))
+    assert set(p2) == {"p1", "h1", "h2"}  # p1 stays peered by its own subnet only
+    assert p2["p1"].allowed_ips == (N("10.1.1.0/24"),)
+    assert p2["h1"].endpoint is None
+
+
+def test_unpublished_aggregator_is_skipped():
+    assert plan("h1", statuses=all_statuses("p1")).aggregator == "p2"
+
+
+def test_hidden_node_listed_as_aggregator_is_skipped():
+    assert plan("h2", net=network(aggregators=("h1", "p2"))).aggregator == "p2"
+
+
+def test_aggregator_judges_itself_by_its_own_facts_and_liveness():
+    assert plan("p1", statuses=all_statuses("p1")).aggregator == "p1"
+    assert plan("p1", alive={"p2"}).aggregator == "p2"
+
+
+def test_liveness_unknown_counts_every_node_as_alive():
+    assert plan("h1", alive=None).aggregator == "p1"
+
+
+def test_hidden_nr_without_aggregator_gets_no_peers_and_a_clear_condition():
+    nr = plan("h1", alive={"h1"})
+    assert nr.peers == () and nr.routes == () and nr.aggregator is None
+    issue = next(i for i in nr.issues if i.reason == NO_AGGREGATOR)
+    assert "no aggregator is usable" in issue.message and "p1, p2" in issue.message
+
+
+def test_public_nr_reports_hidden_subnets_unreachable_without_aggregator():
+    nr = plan("p1", net=network(aggregators=()))
+    assert set(peers_by_node(nr)) == {"p2", "p6"}
+    issue = next(i for i in nr.issues if i.reason == NO_AGGREGATOR)
+    assert "10.1.11.0/24" in issue.message and "none listed" in issue.message
+
+
+def test_no_aggregator_condition_only_when_there_are_hidden_nrs():
+    nr = plan("p1", net=network(nodes=("p1", "p2"), aggregators=()))
+    assert nr.issues == ()
+
+
+# --- endpoint family choice -------------------------------------------------------------------
+
+def test_choose_endpoint_rules():
+    v4, v6 = ip_address("198.51.100.9"), ip_address("2001:db8::9")
+    assert choose_endpoint([v4, v6], [v6, v4]) == v4
+    assert choose_endpoint([v6], [v4, v6]) == v6
+    assert choose_endpoint([v4], [v6]) is None
+    assert choose_endpoint([], [v6, v4]) == v4  # hidden: IPv4 first
+    assert choose_endpoint([], [v6]) == v6
+
+
+# --- workloads --------------------------------------------------------------------------------
+
+def workload(name, node="p1", net="blue"):
+    return Workload.model_validate({"metadata": {"name": name},
+                                    "spec": {"network": net, "node": node, "netns": f"ns-{name}"}})
+
+
+def test_workloads_of_this_node_and_network_are_attached_with_their_address():
+    wls = [workload("web"), workload("db"), workload("elsewhere", node="p2"), workload("other", net="red")]
+    ips = {"web": IPv4Address("10.1.1.5"), "db": IPv4Address("10.1.1.2")}
+    nr = plan("p1", workloads=wls, ips=ips)
+    assert [a.workload for a in nr.workloads] == ["db", "web"]
+    web = nr.workloads[1]
+    assert web.veth == names.workload_veth("n-", "web")
+    assert (web.netns, web.interface) == ("ns-web", "eth0")
+    assert web.address == IPv4Interface("10.1.1.5/24")
+    assert web.gateway == IPv4Address("10.1.1.1")
+    assert web.mtu == nr.mtu
+
+
+def test_workload_without_address_is_reported_pending():
+    nr = plan("p1", workloads=[workload("web")], ips={})
+    assert nr.workloads == ()
+    assert [(i.reason, i.subject) for i in nr.issues] == [(WORKLOAD_PENDING, "web")]
+
+
+# --- purity -----------------------------------------------------------------------------------
+
+def test_planner_imports_only_models_and_pure_stdlib():
+    import ast
+    import pathlib
+
+    allowed_stdlib = {"__future__", "collections", "dataclasses", "hashlib", "ipaddress", "re", "typing"}
+    package = pathlib.Path(names.__file__).parent
+    for source in package.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [] if node.level else [node.module]
+            else:
+                continue
+            for module in modules:
+                top = module.split(".")[0]
+                assert module.startswith("controller.models") or top in allowed_stdlib, \
+                    f"{source.name} imports {module}"
