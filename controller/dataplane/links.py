@@ -1,0 +1,359 @@
+"""Links, addresses, routes and sysctls of NRs and workload attachments: observe and apply.
+
+Every `ensure_*` observes first and writes only the difference, so a converged NR costs reads
+only; each returns the number of kernel writes it made (`Links.writes` keeps the running total),
+which is how tests and the reconciler's metrics tell "converged" from "changed".
+
+IPv4 only: NR subnets and workload addresses are IPv4 (models.resources).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .netns import (
+    NetlinkPool,
+    create_netns,
+    delete_netns,
+    netns_exists,
+    netns_path,
+    sysctl_get,
+    sysctl_set,
+)
+
+IFF_UP = 0x1
+RTPROT_KERNEL = 2
+RT_TABLE_MAIN = 254
+DEFAULT_ROUTE = IPv4Network("0.0.0.0/0")
+
+
+@dataclass(frozen=True)
+class LinkState:
+    index: int
+    name: str
+    kind: str | None  # "bridge", "veth", "tun", "wireguard", None for lo
+    master: int | None  # ifindex of the bridge it is enslaved to
+    mtu: int
+    up: bool  # administratively up (IFF_UP)
+    peer_index: int | None  # IFLA_LINK: a veth's peer ifindex (in the peer's namespace)
+    addresses: frozenset[IPv4Interface] = frozenset()
+
+
+@dataclass(frozen=True)
+class RouteState:
+    dst: IPv4Network
+    oif: int | None
+    gateway: IPv4Address | None
+    proto: int
+
+
+@dataclass(frozen=True)
+class NRState:
+    """What the kernel has in one namespace (main table, IPv4)."""
+
+    netns: str
+    links: dict[str, LinkState]
+    routes: tuple[RouteState, ...]
+    ip_forward: bool | None = None  # None: not read (observe(..., sysctls=False))
+
+    def link(self, name: str) -> LinkState | None:
+        return self.links.get(name)
+
+    def routes_via(self, dev: str) -> dict[IPv4Network, RouteState]:
+        """Non-kernel routes whose output device is `dev`, by destination."""
+        link = self.links.get(dev)
+        if link is None:
+            return {}
+        return {r.dst: r for r in self.routes if r.oif == link.index and r.proto != RTPROT_KERNEL}
+
+    def route(self, dst: IPv4Network) -> RouteState | None:
+        for r in self.routes:
+            if r.dst == dst and r.proto != RTPROT_KERNEL:
+                return r
+        return None
+
+
+@dataclass(frozen=True)
+class VethAttachment:
+    """A workload attachment as the dataplane needs it."""
+
+    host_ifname: str  # veth end inside the NR, enslaved to the bridge
+    netns: str  # the workload's namespace: a name under /var/run/netns or an absolute path
+    ifname: str  # the end inside the workload's namespace, e.g. "eth0"
+    address: IPv4Interface  # e.g. 10.1.1.5/24
+    gateway: IPv4Address  # the NR's bridge address
+    mtu: int = 1420
+
+
+async def _dump(ipr, what: str, **kw) -> list:
+    return [m async for m in await getattr(ipr, what)("dump", **kw)]
+
+
+async def observe_netns(pool: NetlinkPool, netns: str, sysctls: bool = True) -> NRState | None:
+    """Links (with IPv4 addresses) and main-table IPv4 routes of a namespace; None if absent."""
+    if not netns_exists(netns):
+        return None
+    ipr = await pool.get(netns)
+    addrs: dict[int, set[IPv4Interface]] = {}
+    for m in await _dump(ipr, "addr", family=2):
+        addrs.setdefault(m["index"], set()).add(
+            IPv4Interface(f"{m.get('IFA_ADDRESS')}/{m['prefixlen']}")
+        )
+    links = {}
+    for m in await _dump(ipr, "link"):
+        name = m.get("IFLA_IFNAME")
+        links[name] = LinkState(
+            index=m["index"],
+            name=name,
+            kind=m.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND"),
+            master=m.get("IFLA_MASTER"),
+            mtu=m.get("IFLA_MTU"),
+            up=bool(m["flags"] & IFF_UP),
+            peer_index=m.get("IFLA_LINK"),
+            addresses=frozenset(addrs.get(m["index"], ())),
+        )
+    routes = []
+    for m in await _dump(ipr, "route", family=2, table=RT_TABLE_MAIN):
+        if m.get("RTA_TABLE", m["table"]) != RT_TABLE_MAIN or m["type"] != 1:  # unicast only
+            continue
+        dst = m.get("RTA_DST") or "0.0.0.0"
+        gw = m.get("RTA_GATEWAY")
+        routes.append(
+            RouteState(
+                dst=IPv4Network(f"{dst}/{m['dst_len']}"),
+                oif=m.get("RTA_OIF"),
+                gateway=IPv4Address(gw) if gw else None,
+                proto=m["proto"],
+            )
+        )
+    fwd = None
+    if sysctls:
+        fwd = (await sysctl_get(netns, "net.ipv4.ip_forward")) == "1"
+    return NRState(netns=netns, links=links, routes=tuple(routes), ip_forward=fwd)
+
+
+class Links:
+    """Apply side for NR namespaces and workload veths; one per agent (owns a NetlinkPool)."""
+
+    def __init__(self, pool: NetlinkPool | None = None) -> None:
+        self.pool = pool or NetlinkPool()
+        self.writes = 0  # kernel writes made so far (0 on a converged resync)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    async def observe(self, netns: str, sysctls: bool = True) -> NRState | None:
+        return await observe_netns(self.pool, netns, sysctls)
+
+    async def _w(self, coro):
+        self.writes += 1
+        return await coro
+
+    # --- NR namespace ---------------------------------------------------------------------
+
+    async def ensure_nr(self, netns: str) -> int:
+        """The namespace exists, its lo is up and it forwards IPv4."""
+        n = 0
+        if await create_netns(netns):
+            self.writes += 1
+            n += 1
+        st = await self.observe(netns)
+        lo = st.link("lo")
+        if lo and not lo.up:
+            await self._w((await self.pool.get(netns)).link("set", index=lo.index, state="up"))
+            n += 1
+        if not st.ip_forward:
+            self.writes += 1
+            n += int(await sysctl_set(netns, "net.ipv4.ip_forward", "1"))
+        return n
+
+    async def delete_nr(self, netns: str) -> bool:
+        """Delete the NR namespace with everything in it (veths to workloads die with it)."""
+        self.pool.forget(netns)  # an open socket would keep the namespace (and veths) alive
+        gone = await delete_netns(netns)
+        self.writes += int(gone)
+        return gone
+
+    # --- links ----------------------------------------------------------------------------
+
+    async def ensure_bridge(
+        self, netns: str, name: str, gateway: IPv4Interface, mtu: int | None = None
+    ) -> int:
+        """Bridge `name` exists, holds exactly `gateway` (e.g. 10.1.1.1/24) and is up."""
+        ipr = await self.pool.get(netns)
+        st = await self.observe(netns, sysctls=False)
+        n = 0
+        br = st.link(name)
+        if br is not None and br.kind != "bridge":
+            raise RuntimeError(f"{netns}: {name} exists but is a {br.kind}, not a bridge")
+        if br is None:
+            kw = {"mtu": mtu} if mtu else {}
+            await self._w(ipr.link("add", ifname=name, kind="bridge", **kw))
+            n += 1
+            st = await self.observe(netns, sysctls=False)
+            br = st.link(name)
+        n += await self._ensure_addresses(ipr, br, {gateway})
+        n += await self._ensure_link_attrs(ipr, br, mtu=mtu, up=True)
+        return n
+
+    async def ensure_link(self, netns: str, name: str, mtu: int | None = None, up: bool = True) -> int:
+        """An existing link (e.g. the wg interface) has this MTU and is up."""
+        ipr = await self.pool.get(netns)
+        st = await self.observe(netns, sysctls=False)
+        link = st.link(name)
+        if link is None:
+            raise FileNotFoundError(errno.ENODEV, f"no link {name} in {netns}")
+        return await self._ensure_link_attrs(ipr, link, mtu=mtu, up=up)
+
+    async def move_link(self, src_netns: str | None, name: str, dst_netns: str) -> None:
+        """Move a link between namespaces (about 20 ms: only for links made elsewhere, e.g. TUN)."""
+        ipr = await self.pool.get(src_netns)
+        idx = await ipr.link_lookup(ifname=name)
+        if not idx:
+            raise FileNotFoundError(errno.ENODEV, f"no link {name} in {src_netns or 'own netns'}")
+        fd = os.open(netns_path(dst_netns), os.O_RDONLY)
+        try:
+            await self._w(ipr.link("set", index=idx[0], net_ns_fd=fd))
+        finally:
+            os.close(fd)
+
+    async def _ensure_link_attrs(self, ipr, link: LinkState, mtu=None, up=True, master=None) -> int:
+        kw = {}
+        if mtu and link.mtu != mtu:
+            kw["mtu"] = mtu
+        if master is not None and link.master != master:
+            kw["master"] = master
+        if up and not link.up:
+            kw["state"] = "up"
+        if not kw:
+            return 0
+        await self._w(ipr.link("set", index=link.index, **kw))
+        return 1
+
+    async def _ensure_addresses(self, ipr, link: LinkState, want: set[IPv4Interface]) -> int:
+        n = 0
+        for a in link.addresses - want:
+            await self._w(ipr.addr("del", index=link.index, address=str(a.ip), prefixlen=a.network.prefixlen))
+            n += 1
+        for a in want - link.addresses:
+            await self._w(ipr.addr("add", index=link.index, address=str(a.ip), prefixlen=a.network.prefixlen))
+            n += 1
+        return n
+
+    # --- routes ---------------------------------------------------------------------------
+
+    async def ensure_routes(self, netns: str, dev: str, dsts) -> int:
+        """The routes via `dev` are exactly `dsts` (e.g. other NRs' subnets via the wg link).
+
+        A destination routed elsewhere is moved to `dev`; routes via `dev` not wanted are removed.
+        """
+        want = {IPv4Network(d) for d in dsts}
+        ipr = await self.pool.get(netns)
+        st = await self.observe(netns, sysctls=False)
+        link = st.link(dev)
+        if link is None:
+            raise FileNotFoundError(errno.ENODEV, f"no link {dev} in {netns}")
+        have = st.routes_via(dev)
+        n = 0
+        for dst in sorted(set(have) - want):
+            await self._w(ipr.route("del", dst=str(dst), oif=link.index, table=RT_TABLE_MAIN))
+            n += 1
+        for dst in sorted(want):
+            r = have.get(dst)
+            if r is not None and r.gateway is None:
+                continue
+            # replace: also takes over a destination that currently points elsewhere
+            await self._w(ipr.route("replace", dst=str(dst), oif=link.index, table=RT_TABLE_MAIN))
+            n += 1
+        return n
+
+    # --- workloads ------------------------------------------------------------------------
+
+    async def observe_workload(self, netns: str, ifname: str) -> NRState | None:
+        """The workload namespace's state (None if the namespace is gone)."""
+        if not os.path.exists(netns_path(netns)):
+            return None
+        return await observe_netns(self.pool, netns, sysctls=False)
+
+    async def ensure_workload(self, nr_netns: str, bridge: str, wl: VethAttachment) -> int:
+        """A veth from the NR's bridge into the workload's namespace, addressed and routed.
+
+        The peer is created directly inside the workload namespace (no 20 ms move).
+        """
+        ipr = await self.pool.get(nr_netns)
+        st = await self.observe(nr_netns, sysctls=False)
+        br = st.link(bridge)
+        if br is None:
+            raise FileNotFoundError(errno.ENODEV, f"no bridge {bridge} in {nr_netns}")
+        n = 0
+        host = st.link(wl.host_ifname)
+        wst = await self.observe_workload(wl.netns, wl.ifname)
+        if wst is None:
+            raise FileNotFoundError(errno.ENOENT, f"workload namespace {wl.netns} does not exist")
+        inner = wst.link(wl.ifname)
+        if host is not None and (inner is None or inner.peer_index != host.index):
+            # our host end lost its peer (namespace recreated, peer renamed): start over
+            await self._w(ipr.link("del", index=host.index))
+            n += 1
+            host = None
+        if host is None:
+            if inner is not None:
+                raise RuntimeError(
+                    f"{wl.netns} already has a link {wl.ifname} that is not attached to {nr_netns}"
+                )
+            fd = os.open(netns_path(wl.netns), os.O_RDONLY)
+            try:
+                await self._w(
+                    ipr.link(
+                        "add",
+                        ifname=wl.host_ifname,
+                        kind="veth",
+                        mtu=wl.mtu,
+                        master=br.index,
+                        peer={"ifname": wl.ifname, "net_ns_fd": fd, "mtu": wl.mtu},
+                    )
+                )
+            finally:
+                os.close(fd)
+            n += 1
+            st = await self.observe(nr_netns, sysctls=False)
+            host = st.link(wl.host_ifname)
+            wst = await self.observe_workload(wl.netns, wl.ifname)
+            inner = wst.link(wl.ifname)
+        n += await self._ensure_link_attrs(ipr, host, mtu=wl.mtu, up=True, master=br.index)
+        wipr = await self.pool.get(wl.netns)
+        n += await self._ensure_addresses(wipr, inner, {wl.address})
+        n += await self._ensure_link_attrs(wipr, inner, mtu=wl.mtu, up=True)
+        dflt = wst.route(DEFAULT_ROUTE)
+        if dflt is None or dflt.gateway != wl.gateway or dflt.oif != inner.index:
+            await self._w(
+                wipr.route("replace", dst="0.0.0.0/0", gateway=str(wl.gateway), oif=inner.index)
+            )
+            n += 1
+        return n
+
+    async def remove_workload(self, nr_netns: str, host_ifname: str) -> bool:
+        """Delete the workload's veth (both ends) and nothing else. True if it existed."""
+        if not netns_exists(nr_netns):
+            return False
+        ipr = await self.pool.get(nr_netns)
+        idx = await ipr.link_lookup(ifname=host_ifname)
+        if not idx:
+            return False
+        try:
+            await self._w(ipr.link("del", index=idx[0]))
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                raise
+            return False
+        return True
+
+    def forget_workload_netns(self, netns: str) -> None:
+        """Drop the cached socket into a workload namespace (call when the workload goes away)."""
+        self.pool.forget(netns)
+

@@ -1,0 +1,183 @@
+"""Network namespaces and netlink sockets inside them, without forking.
+
+pyroute2's own namespace API (`IPRoute(netns=...)`, `netns.create()`) forks a child per call, and
+a fork beside aetcd's live gRPC threads can hang the child (design.md 5b). So:
+
+- namespaces are created and deleted with `ip netns add/del` (fork+exec: safe),
+- a socket inside a namespace is opened by a short-lived thread that `setns()`es into it, creates
+  the socket and exits; a socket stays bound to the namespace it was created in, so the event-loop
+  thread can use it afterwards. The thread dies with its foreign namespace: nothing to restore.
+- sysctls under /proc/sys/net belong to the namespace of the thread that opens the file (verified
+  on this kernel), so they are read and written from such a thread too.
+
+A namespace ref is a name under /var/run/netns or an absolute path (e.g. /proc/PID/ns/net);
+None means the process's own namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netns import setns
+
+NETNS_DIR = "/var/run/netns"
+NETLINK_ROUTE = 0
+NETLINK_GENERIC = 16
+
+T = TypeVar("T")
+
+
+class NetnsError(RuntimeError):
+    """A namespace operation failed (message has the command's stderr)."""
+
+
+def netns_path(ref: str) -> str:
+    return ref if ref.startswith("/") else os.path.join(NETNS_DIR, ref)
+
+
+def netns_exists(ref: str) -> bool:
+    return os.path.exists(netns_path(ref))
+
+
+def list_netns() -> list[str]:
+    """Names under /var/run/netns (sorted)."""
+    try:
+        return sorted(os.listdir(NETNS_DIR))
+    except FileNotFoundError:
+        return []
+
+
+def _identity(ref: str | None) -> tuple[int, int]:
+    """(dev, inode) of a namespace: a name recreated after deletion gets a new identity."""
+    st = os.stat(netns_path(ref) if ref else "/proc/self/ns/net")
+    return (st.st_dev, st.st_ino)
+
+
+async def _ip(*args: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "ip", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise NetnsError(f"ip {' '.join(args)}: {err.decode().strip()}")
+
+
+async def create_netns(name: str) -> bool:
+    """Create namespace `name` unless it exists. Returns True if it was created."""
+    if netns_exists(name):
+        return False
+    await _ip("netns", "add", name)
+    return True
+
+
+async def delete_netns(name: str) -> bool:
+    """Delete namespace `name` (its veths go with it). Returns True if it existed."""
+    if not netns_exists(name):
+        return False
+    await _ip("netns", "del", name)
+    return True
+
+
+def run_in_netns_blocking(ref: str | None, fn: Callable[[], T]) -> T:
+    """Run fn in a fresh thread that has entered namespace `ref`; blocks the caller."""
+    if ref is None:
+        return fn()
+    box: dict = {}
+
+    def body():
+        try:
+            setns(netns_path(ref), flags=0, fork=False)
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=body, name=f"setns:{ref}", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+async def run_in_netns(ref: str | None, fn: Callable[[], T]) -> T:
+    """Run a blocking fn inside namespace `ref` without blocking the event loop, without forking."""
+    return await asyncio.get_running_loop().run_in_executor(None, run_in_netns_blocking, ref, fn)
+
+
+def open_socket_in(ref: str | None, family: int, type_: int, proto: int = 0) -> socket.socket:
+    if not (ref is None or netns_exists(ref)):
+        raise FileNotFoundError(errno.ENOENT, "no such network namespace", ref)
+    return run_in_netns_blocking(ref, lambda: socket.socket(family, type_, proto))
+
+
+def _sysctl_file(key: str) -> str:
+    if not key.startswith("net.") or ".." in key:
+        raise ValueError(f"only net.* sysctls are per namespace: {key!r}")
+    return "/proc/sys/" + key.replace(".", "/")
+
+
+async def sysctl_get(ref: str | None, key: str) -> str:
+    def read():
+        with open(_sysctl_file(key)) as f:
+            return f.read().strip()
+
+    return await run_in_netns(ref, read)
+
+
+async def sysctl_set(ref: str | None, key: str, value: str) -> bool:
+    """Set a net.* sysctl inside a namespace if it differs. Returns True if it wrote."""
+
+    def write():
+        with open(_sysctl_file(key), "r+") as f:
+            if f.read().strip() == value:
+                return False
+            f.seek(0)
+            f.write(value)
+            return True
+
+    return await run_in_netns(ref, write)
+
+
+class NetlinkPool:
+    """One rtnetlink socket (AsyncIPRoute) per namespace, reopened when the namespace changes.
+
+    A cached socket pins its namespace: a deleted namespace lives on (with its veths) while a
+    socket into it is open, so `forget(ref)` must be called before or after deleting one
+    (`links.Links.delete_nr` does), and a name recreated under us is detected by inode.
+    """
+
+    def __init__(self) -> None:
+        self._socks: dict[str | None, tuple[tuple[int, int], AsyncIPRoute]] = {}
+        self._lock = asyncio.Lock()
+
+    async def get(self, ref: str | None) -> AsyncIPRoute:
+        ident = _identity(ref)  # raises FileNotFoundError when the namespace is gone
+        async with self._lock:
+            cached = self._socks.get(ref)
+            if cached and cached[0] == ident:
+                return cached[1]
+            if cached:
+                cached[1].close()
+            sock = await asyncio.get_running_loop().run_in_executor(
+                None, open_socket_in, ref, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE
+            )
+            ipr = AsyncIPRoute(fileno=sock.detach())
+            await ipr.setup_endpoint()
+            self._socks[ref] = (ident, ipr)
+            return ipr
+
+    def forget(self, ref: str | None) -> None:
+        cached = self._socks.pop(ref, None)
+        if cached:
+            cached[1].close()
+
+    def close(self) -> None:
+        for ref in list(self._socks):
+            self.forget(ref)

@@ -1,0 +1,252 @@
+"""wireguard-go, supervised by the agent and configured over its UAPI socket.
+
+- Started as `wireguard-go -f IFNAME` (its daemonizing mode dies under some supervisors) in the
+  node's host namespace via `nsenter --net=` (exec, no fork beside gRPC threads), so its UDP
+  socket lives on the node's uplink; the TUN link is then moved into the NR namespace.
+- Its own session (start_new_session): it outlives the agent. The agent exits leaving the
+  dataplane up and re-adopts the process on restart from the pidfile in the state dir
+  (`wireguard-go/IFNAME.pid`: "PID STARTTIME"), verified against /proc/PID/cmdline and the
+  process start time before it is adopted or killed — a reused PID is never touched.
+- Dead = pid gone/zombie, socket missing or refusing, or the TUN link missing from the NR:
+  `ensure_device` then restarts it, so one resync repairs it.
+- UAPI socket names are global (/var/run/wireguard/IFNAME.sock): IFNAME must be unique per machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import time
+
+from ..links import Links
+from ..netns import netns_exists, netns_path
+from . import uapi
+from .base import DeviceOps, DeviceState, WireGuardBackend, WireGuardError
+
+log = logging.getLogger(__name__)
+
+BINARY = "/usr/bin/wireguard-go"
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """Field 22 of /proc/PID/stat (start time in ticks); None if gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # comm may contain spaces
+    if fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
+
+
+def _is_wireguard_go(pid: int, ifname: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().rstrip(b"\0").split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return (
+        len(argv) == 3
+        and os.path.basename(argv[0]) == b"wireguard-go"
+        and argv[1:] == [b"-f", ifname.encode()]
+    )
+
+
+class UserspaceBackend(WireGuardBackend):
+    kind = "userspace"
+
+    def __init__(
+        self,
+        state_dir: str,
+        host_netns: str | None = None,
+        links: Links | None = None,
+        binary: str = BINARY,
+        start_timeout: float = 5.0,
+    ) -> None:
+        self.state_dir = state_dir
+        self.pid_dir = os.path.join(state_dir, "wireguard-go")
+        self.host_netns = host_netns
+        self.links = links or Links()
+        self._own_links = links is None
+        self.binary = binary
+        self.start_timeout = start_timeout
+        self._children: dict[str, subprocess.Popen] = {}  # started by this object: to reap
+        self.starts = 0  # processes started (a converged node starts none)
+
+    # --- records --------------------------------------------------------------------------
+
+    def _pidfile(self, ifname: str) -> str:
+        return os.path.join(self.pid_dir, f"{ifname}.pid")
+
+    def pid(self, ifname: str) -> int | None:
+        """The recorded PID if that process is still our wireguard-go for `ifname`, else None."""
+        child = self._children.get(ifname)
+        if child is not None and child.poll() is not None:
+            self._children.pop(ifname, None)  # reaped
+        try:
+            with open(self._pidfile(ifname)) as f:
+                pid_s, start = f.read().split()
+            pid = int(pid_s)
+        except (FileNotFoundError, ValueError):
+            return None
+        if _proc_start_time(pid) != start or not _is_wireguard_go(pid, ifname):
+            return None
+        return pid
+
+    def owned_devices(self) -> list[str]:
+        try:
+            names = os.listdir(self.pid_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n[: -len(".pid")] for n in names if n.endswith(".pid"))
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def device_alive(self, ifname: str, netns: str) -> bool:
+        if self.pid(ifname) is None or not netns_exists(netns):
+            return False
+        try:
+            await uapi.request(ifname, "get=1\n", timeout=1.0)
+        except WireGuardError:
+            return False
+        st = await self.links.observe(netns, sysctls=False)
+        return st is not None and st.link(ifname) is not None
+
+    async def ensure_device(self, ifname: str, netns: str) -> bool:
+        if await self.device_alive(ifname, netns):
+            return False
+        await self._stop(ifname)
+        await self._start(ifname)
+        try:
+            await self.links.move_link(self.host_netns, ifname, netns)
+        except BaseException:
+            await self._stop(ifname)
+            raise
+        return True
+
+    async def _start(self, ifname: str) -> None:
+        os.makedirs(self.pid_dir, mode=0o700, exist_ok=True)
+        argv = [self.binary, "-f", ifname]
+        if self.host_netns is not None:
+            argv = ["nsenter", f"--net={netns_path(self.host_netns)}", "--", *argv]
+        logpath = os.path.join(self.pid_dir, f"{ifname}.log")
+        with open(logpath, "ab") as logf:
+            # Popen, not asyncio's subprocess: asyncio kills its children when their transport
+            # is closed, and this process must outlive the agent.
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                start_new_session=True,
+                env={**os.environ, "LOG_LEVEL": "error"},
+            )
+        self._children[ifname] = proc
+        self.starts += 1
+        deadline = time.monotonic() + self.start_timeout
+        start = None
+        while True:
+            if proc.poll() is not None:
+                raise WireGuardError(
+                    f"wireguard-go {ifname} exited with {proc.returncode}: {self._log_tail(logpath)}"
+                )
+            if start is None:
+                start = _proc_start_time(proc.pid) if _is_wireguard_go(proc.pid, ifname) else None
+            if start is not None and os.path.exists(uapi.socket_path(ifname)):
+                try:
+                    await uapi.request(ifname, "get=1\n", timeout=1.0)
+                    break
+                except WireGuardError:
+                    pass
+            if time.monotonic() > deadline:
+                self._kill(proc.pid)
+                raise WireGuardError(f"wireguard-go {ifname} did not open its UAPI socket")
+            await asyncio.sleep(0.005)
+        tmp = self._pidfile(ifname) + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{proc.pid} {start}\n")
+        os.replace(tmp, self._pidfile(ifname))
+        log.info("started wireguard-go %s (pid %d)", ifname, proc.pid)
+
+    @staticmethod
+    def _log_tail(path: str) -> str:
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, os.path.getsize(path) - 300))
+                return f.read().decode(errors="replace").strip().splitlines()[-1]
+        except (OSError, IndexError):
+            return "(no output)"
+
+    def _kill(self, pid: int, sig: int = signal.SIGTERM) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    async def _stop(self, ifname: str) -> bool:
+        """Kill our process for `ifname` (by verified PID), remove its socket and records."""
+        removed = False
+        pid = self.pid(ifname)
+        if pid is not None:
+            start = _proc_start_time(pid)
+            self._kill(pid)
+            deadline = time.monotonic() + 3.0
+            while _proc_start_time(pid) == start and start is not None:
+                child = self._children.get(ifname)
+                if child is not None and child.poll() is not None:
+                    break
+                if time.monotonic() > deadline:
+                    self._kill(pid, signal.SIGKILL)
+                    deadline += 3.0
+                await asyncio.sleep(0.005)
+            removed = True
+        child = self._children.pop(ifname, None)
+        if child is not None:
+            child.poll()
+        sock = uapi.socket_path(ifname)
+        if os.path.exists(sock) and not await self._socket_answers(sock):
+            os.unlink(sock)  # stale: nobody listens (a live one may belong to someone else)
+            removed = True
+        try:
+            os.unlink(self._pidfile(ifname))
+        except FileNotFoundError:
+            pass
+        return removed
+
+    @staticmethod
+    async def _socket_answers(path: str) -> bool:
+        try:
+            _, w = await asyncio.open_unix_connection(path)
+        except OSError:
+            return False
+        w.close()
+        return True
+
+    async def delete_device(self, ifname: str, netns: str) -> bool:
+        """Stop the process (its TUN link goes with it) and forget it."""
+        removed = await self._stop(ifname)
+        try:
+            os.unlink(os.path.join(self.pid_dir, f"{ifname}.log"))
+        except FileNotFoundError:
+            pass
+        return removed
+
+    # --- configuration --------------------------------------------------------------------
+
+    async def get(self, ifname: str, netns: str) -> DeviceState:
+        return await uapi.get(ifname)
+
+    async def apply(self, ifname: str, netns: str, ops: DeviceOps) -> None:
+        await uapi.set_ops(ifname, ops)
+
+    async def close(self) -> None:
+        # Children keep running (own session); drop the handles without waiting.
+        self._children.clear()
+        if self._own_links:
+            self.links.close()
+
