@@ -14,6 +14,8 @@ Rules (docs/planner.md has the full list with reasons):
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ PEER_PENDING = "PeerPending"  # a peer's facts (key, port, endpoints) are not pu
 NO_COMMON_FAMILY = "NoCommonAddressFamily"  # a public peer has no address family we have
 NO_AGGREGATOR = "NoAggregator"  # hidden NRs exist but no aggregator is usable
 WORKLOAD_PENDING = "WorkloadAddressPending"  # a workload has no allocated address
+INVALID_FACTS = "InvalidPeerFacts"  # a published key is malformed or used by another NR
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,14 @@ class DesiredNR:
         return tuple(i.subject for i in self.issues if i.reason == PEER_PENDING)
 
 
+def is_wireguard_key(text: str) -> bool:
+    """Whether `text` is a WireGuard key as published: standard base64 of 32 bytes."""
+    try:
+        return len(base64.b64decode(text, validate=True)) == 32
+    except (binascii.Error, ValueError):
+        return False
+
+
 def format_endpoint(address: IPAddress, port: int) -> str:
     return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
@@ -171,15 +182,26 @@ def plan_network(
     issues: list[Issue] = []
 
     remotes: list[_Remote] = []
+    key_owner = {local.public_key: ctx.node_id}
     for r in sorted(spec.resources, key=lambda r: r.node):
         if r.node == ctx.node_id:
             continue
         status = statuses.get(r.node)
-        if _published(status, network.name, r.node):
-            remotes.append(_Remote(r.node, r.subnet, status))
-        else:
+        if not _published(status, network.name, r.node):
             issues.append(Issue(PEER_PENDING, f"node {r.node!r} has not published its facts for "
                                 f"network {network.name!r} yet", r.node))
+        elif not is_wireguard_key(status.publicKey):
+            issues.append(Issue(INVALID_FACTS, f"node {r.node!r} published a public key that is "
+                                "not 32 bytes of base64; not peering with it", r.node))
+        elif status.publicKey in key_owner:
+            # WireGuard identifies peers by key: two NRs with one key would steal each other's
+            # AllowedIPs. The first by node name keeps it (deterministic on every node).
+            issues.append(Issue(INVALID_FACTS, f"node {r.node!r} published the same public key "
+                                f"as node {key_owner[status.publicKey]!r}; not peering with it",
+                                r.node))
+        else:
+            key_owner[status.publicKey] = r.node
+            remotes.append(_Remote(r.node, r.subnet, status))
     hidden_remotes = [r for r in remotes if not r.public]
 
     aggregator = _choose_aggregator(ctx, network, {r.node: r for r in remotes}, alive)

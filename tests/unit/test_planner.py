@@ -8,6 +8,7 @@ World used below (network "blue", ipRange 10.1.0.0/16):
   h2 hidden                              10.1.12.0/24
 """
 
+import base64
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network as N, ip_address
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from controller.models.resources import Network, ResourceStatus, Workload
 from controller.planner import names
 from controller.planner.plan import (
-    HIDDEN_KEEPALIVE, NO_AGGREGATOR, NO_COMMON_FAMILY, PEER_PENDING, WORKLOAD_PENDING,
+    HIDDEN_KEEPALIVE, INVALID_FACTS, NO_AGGREGATOR, NO_COMMON_FAMILY, PEER_PENDING, WORKLOAD_PENDING,
     DesiredPeer, LocalFacts, NodeContext, choose_endpoint, plan_network,
 )
 
@@ -40,8 +41,13 @@ def network(nodes=tuple(SUBNETS), aggregators=("p1", "p2")):
     })
 
 
+def key(node):
+    """A well-formed, distinct WireGuard public key per node (base64 of 32 bytes)."""
+    return base64.b64encode(node.encode().ljust(32, b".")).decode()
+
+
 def status(node, **override):
-    facts = dict(network="blue", node=node, publicKey=f"KEY-{node}=", listenPort=PORTS[node],
+    facts = dict(network="blue", node=node, publicKey=key(node), listenPort=PORTS[node],
                  endpoints=list(ENDPOINTS[node]), subnet=SUBNETS[node])
     facts.update(override)
     return ResourceStatus.model_validate(facts)
@@ -57,7 +63,7 @@ def ctx(node, prefix="n-"):
 
 def plan(node, net=None, statuses=None, alive=None, workloads=(), ips=None):
     return plan_network(ctx(node), net or network(), all_statuses() if statuses is None else statuses,
-                        alive, workloads, LocalFacts(f"KEY-{node}=", PORTS[node]), ips or {})
+                        alive, workloads, LocalFacts(key(node), PORTS[node]), ips or {})
 
 
 def peers_by_node(nr):
@@ -71,7 +77,7 @@ def test_nr_carries_names_port_gateway_and_mtu():
     assert nr.netns == names.nr_netns("n-", "blue") == "n-zmnr-blue"
     assert nr.wg_ifname == names.wg_ifname("n-", "blue")
     assert nr.bridge == "zmbr"
-    assert nr.listen_port == 51821 and nr.public_key == "KEY-p1="
+    assert nr.listen_port == 51821 and nr.public_key == key("p1")
     assert nr.gateway == IPv4Interface("10.1.1.1/24")
     assert nr.mtu == 1420  # 1500 - 80: IPv6 outer header worst case
 
@@ -124,7 +130,7 @@ def test_public_peer_without_common_family_is_reported_unreachable():
 
 def test_aggregator_peers_with_each_hidden_nr_without_endpoint_or_keepalive():
     peers = peers_by_node(plan("p1"))
-    assert peers["h1"] == DesiredPeer("KEY-h1=", None, (N("10.1.11.0/24"),), None)
+    assert peers["h1"] == DesiredPeer(key("h1"), None, (N("10.1.11.0/24"),), None)
     assert peers["h2"].allowed_ips == (N("10.1.12.0/24"),) and peers["h2"].endpoint is None
     assert peers["p2"].allowed_ips == (N("10.1.2.0/24"),)
     assert peers["p6"].allowed_ips == (N("10.1.6.0/24"),)
@@ -143,9 +149,9 @@ def test_routes_are_every_allowed_prefix_via_wireguard():
 
 def test_own_status_is_ignored():
     statuses = all_statuses()
-    statuses["p1"] = status("p1", publicKey="STALE=", listenPort=1)
+    statuses["p1"] = status("p1", publicKey=key("stale"), listenPort=1)
     nr = plan("p1", statuses=statuses)
-    assert nr.public_key == "KEY-p1=" and nr.listen_port == 51821
+    assert nr.public_key == key("p1") and nr.listen_port == 51821
     assert "p1" not in peers_by_node(nr)
 
 
@@ -162,6 +168,30 @@ def test_status_published_for_another_network_does_not_count():
     nr = plan("p1", statuses=statuses)
     assert "p2" not in peers_by_node(nr)
     assert "p2" in nr.pending
+
+
+def test_malformed_public_key_is_reported_and_not_peered():
+    statuses = all_statuses()
+    statuses["p2"] = status("p2", publicKey="not-a-key")
+    nr = plan("p1", statuses=statuses)
+    assert "p2" not in peers_by_node(nr)
+    assert [(i.reason, i.subject) for i in nr.issues] == [(INVALID_FACTS, "p2")]
+
+
+def test_a_key_published_twice_peers_only_the_first_node_by_name():
+    statuses = all_statuses()
+    statuses["p6"] = status("p6", publicKey=key("p2"))
+    nr = plan("p1", statuses=statuses)
+    assert peers_by_node(nr)["p2"].public_key == key("p2")
+    assert "p6" not in peers_by_node(nr)
+    issue = next(i for i in nr.issues if i.reason == INVALID_FACTS)
+    assert issue.subject == "p6" and "same public key as node 'p2'" in issue.message
+
+
+def test_a_peer_publishing_our_own_key_is_not_peered():
+    statuses = all_statuses()
+    statuses["p2"] = status("p2", publicKey=key("p1"))
+    assert "p2" not in peers_by_node(plan("p1", statuses=statuses))
 
 
 def test_peer_without_published_facts_is_pending_not_peered():
@@ -188,7 +218,7 @@ def test_dead_peers_stay_peered_the_dataplane_outlives_the_control_plane():
 
 def test_hidden_nr_peers_only_with_the_aggregator_for_the_whole_range():
     nr = plan("h1")
-    assert nr.peers == (DesiredPeer("KEY-p1=", "198.51.100.1:51821", (N("10.1.0.0/16"),),
+    assert nr.peers == (DesiredPeer(key("p1"), "198.51.100.1:51821", (N("10.1.0.0/16"),),
                                     HIDDEN_KEEPALIVE),)
     assert nr.routes == (N("10.1.0.0/16"),)
     assert nr.aggregator == "p1" and nr.hidden
@@ -290,7 +320,7 @@ def test_planner_imports_only_models_and_pure_stdlib():
     import ast
     import pathlib
 
-    allowed_stdlib = {"__future__", "collections", "dataclasses", "hashlib", "ipaddress", "re", "typing"}
+    allowed_stdlib = {"__future__", "base64", "binascii", "collections", "dataclasses", "hashlib", "ipaddress", "re", "typing"}
     package = pathlib.Path(names.__file__).parent
     for source in package.glob("*.py"):
         for node in ast.walk(ast.parse(source.read_text())):
