@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .resources import API_VERSION, KINDS
+from .resources import API_VERSION, KINDS, STATUS_KINDS
 
 
 class ManifestError(ValueError):
@@ -55,10 +55,10 @@ def parse_object(data: object, where: str = "<input>", kinds: tuple[str, ...] | 
         raise ManifestError(where, [f"kind {kind!r} is not one of {', '.join(allowed)}"])
     if data.get("apiVersion") != API_VERSION:
         raise ManifestError(where, [f"apiVersion must be {API_VERSION!r}, got {data.get('apiVersion')!r}"])
-    name = (data.get("metadata") or {}).get("name") if isinstance(data.get("metadata"), dict) else None
+    name = data["metadata"].get("name") if isinstance(data.get("metadata"), dict) else None
     label = f"{where} ({kind}/{name})" if name else f"{where} ({kind})"
     try:
-        return KINDS[kind].model_validate(data)
+        return {**KINDS, **STATUS_KINDS}[kind].model_validate(data)
     except ValidationError as e:
         raise ManifestError(label, format_validation_error(e)) from None
 
@@ -71,7 +71,10 @@ def parse_json_value(raw: bytes, where: str, kinds: tuple[str, ...] | None = Non
         raise ManifestError(where, ["value is not UTF-8 text"]) from None
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as e:
+        # Something meant as JSON gets JSON's short message, not YAML's long one.
+        if text.lstrip()[:1] in ("{", "["):
+            raise ManifestError(where, [f"value is not valid JSON: {e}"]) from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:

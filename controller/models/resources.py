@@ -266,9 +266,12 @@ class PortRange(_Strict):
     def parse(cls, text: str) -> "PortRange":
         lo, sep, hi = text.partition("-")
         try:
-            return cls(min=int(lo), max=int(hi if sep else lo))
-        except ValueError as e:
-            raise ValueError(f"bad port range {text!r}: expected MIN-MAX ({e})") from None
+            lo_, hi_ = int(lo), int(hi if sep else lo)
+        except ValueError:
+            raise ValueError(f"bad port range {text!r}: expected MIN-MAX") from None
+        if not 1 <= lo_ <= hi_ <= 65535:
+            raise ValueError(f"bad port range {text!r}: need 1 <= MIN <= MAX <= 65535")
+        return cls(min=lo_, max=hi_)
 
 
 class NodeSpec(_Strict):
@@ -362,4 +365,9 @@ KINDS: dict[str, type[BaseModel]] = {
     "Network": Network,
     "Workload": Workload,
     "Node": Node,
+}
+# Documents written by agents; parse_object accepts them only when asked for by kind.
+STATUS_KINDS: dict[str, type[BaseModel]] = {
+    "NetworkResourceStatus": ResourceStatus,
+    "WorkloadStatus": WorkloadStatus,
 }

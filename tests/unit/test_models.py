@@ -477,7 +477,8 @@ def test_a_hand_written_yaml_value_reads_like_json():
 
 @pytest.mark.parametrize("raw, fragment", [
     (b"\xff\xfe", "not UTF-8"),
-    (b"{not json: [", "neither JSON nor YAML"),
+    (b"{not json: [", "not valid JSON"),
+    (b"key: [unclosed", "neither JSON nor YAML"),
     (b"42", "expected a mapping"),
     (b'{"apiVersion":"zmesh.io/v1","kind":"Network","metadata":{"name":"x"},"spec":{"ipRange":"100.64.0.0/16"}}', "100.64.0.0/10"),
 ])

@@ -1,0 +1,323 @@
+"""The zmesh CLI without etcd: argument parsing, agent flags, manifest reading, cross-object
+validation and output formatting."""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controller.cli import output
+from controller.cli.main import (
+    CliError,
+    agent_config,
+    agent_main,
+    build_parser,
+    connection,
+    cross_problems,
+    main,
+    read_manifests,
+)
+from controller.models.manifest import parse_object
+from controller.models.resources import Condition, Node, PortRange, ResourceStatus
+from controller.reconciler.config import AgentConfig, split_endpoints
+
+from test_models import network_doc, workload_doc
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch):
+    monkeypatch.delenv("ZMESH_ETCD", raising=False)
+    monkeypatch.delenv("ZMESH_PREFIX", raising=False)
+
+
+def parse(*argv):
+    return build_parser().parse_args(list(argv))
+
+
+# --- global options ------------------------------------------------------------------------
+
+
+def test_connection_defaults():
+    assert connection(parse("get", "networks")) == (["127.0.0.1:2379"], "/zmesh/", 5.0)
+
+
+def test_connection_from_environment(monkeypatch):
+    monkeypatch.setenv("ZMESH_ETCD", "10.0.0.1:2379,10.0.0.2:2379")
+    monkeypatch.setenv("ZMESH_PREFIX", "/other/")
+    assert connection(parse("status"))[:2] == (["10.0.0.1:2379", "10.0.0.2:2379"], "/other/")
+
+
+def test_etcd_is_comma_separated_or_repeated_before_or_after_the_command():
+    args = parse("--etcd", "a:1,b:2", "--etcd", "c:3", "get", "nodes")
+    assert connection(args)[0] == ["a:1", "b:2", "c:3"]
+    args = parse("get", "nodes", "--etcd", "x:9", "--prefix", "/p/", "--timeout", "1.5")
+    assert connection(args) == (["x:9"], "/p/", 1.5)
+
+
+def test_flags_beat_the_environment(monkeypatch):
+    monkeypatch.setenv("ZMESH_ETCD", "env:1")
+    assert connection(parse("--etcd", "flag:2", "status"))[0] == ["flag:2"]
+
+
+@pytest.mark.parametrize("bad", ["host:port", ":2379", "h:70000", "ftp://h:1", "h:1/x"])
+def test_a_bad_etcd_endpoint_is_one_clear_error(bad, capsys):
+    assert main(["--etcd", bad, "get", "networks"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("zmesh: --etcd: bad etcd endpoint")
+
+
+def test_a_prefix_must_be_absolute(capsys):
+    assert main(["--prefix", "zmesh", "status"]) == 1
+    assert capsys.readouterr().err == "zmesh: --prefix: 'zmesh' must start with '/'\n"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["apply", "--help"], ["get", "--help"], ["describe", "--help"], ["delete", "--help"],
+    ["status", "--help"], ["agent", "--help"], ["demo", "--help"],
+])
+def test_help_everywhere(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    assert "usage: zmesh" in capsys.readouterr().out
+
+
+def test_zmeshd_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        agent_main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ["--node-id", "--etcd", "--host-netns", "--name-prefix", "--state-dir", "--public-endpoint",
+                 "--listen-port-range", "--resync-interval", "--metrics-addr", "--log-level"]:
+        assert flag in out
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["get", "pods"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["apply"])  # -f is required
+    assert e.value.code == 2
+
+
+def test_get_accepts_singular_plural_and_short_kinds():
+    for kind in ["network", "networks", "net", "workload", "workloads", "wl", "node", "nodes"]:
+        assert parse("get", kind).kind == kind
+    assert parse("get", "networks", "blue", "-o", "json").output == "json"
+
+
+# --- agent flags ---------------------------------------------------------------------------
+
+
+def agent_args(*argv):
+    return parse("agent", *argv)
+
+
+def test_agent_flags_fill_the_config():
+    cfg = agent_config(agent_args(
+        "--node-id", "n1", "--etcd", "a:1,b:2", "--etcd", "c:3", "--prefix", "/t/",
+        "--host-netns", "w1-n1", "--name-prefix", "w1n1-", "--state-dir", "/tmp/s",
+        "--public-endpoint", "198.51.100.11", "--public-endpoint", "2001:db8:100::11",
+        "--listen-port-range", "52000-52010", "--resync-interval", "2.5",
+        "--metrics-addr", "127.0.0.1:9100", "--log-level", "DEBUG",
+    ))
+    assert cfg == AgentConfig(
+        node_id="n1", etcd=["a:1", "b:2", "c:3"], prefix="/t/", host_netns="w1-n1",
+        name_prefix="w1n1-", state_dir=Path("/tmp/s"),
+        public_endpoints=[ipaddress.ip_address("198.51.100.11"), ipaddress.ip_address("2001:db8:100::11")],
+        listen_port_range=PortRange(min=52000, max=52010), resync_interval=2.5,
+        metrics_host="127.0.0.1", metrics_port=9100, log_level="debug",
+    )
+    assert not cfg.hidden and cfg.metrics_addr == "127.0.0.1:9100"
+
+
+def test_agent_defaults_make_a_hidden_node():
+    cfg = agent_config(agent_args("--node-id", "n2"))
+    assert cfg.hidden and cfg.etcd == ["127.0.0.1:2379"] and cfg.prefix == "/zmesh/"
+    assert cfg.host_netns is None and cfg.name_prefix == ""
+    assert cfg.listen_port_range == PortRange() and cfg.resync_interval == 30.0
+
+
+def test_agent_reads_the_environment(monkeypatch):
+    monkeypatch.setenv("ZMESH_ETCD", "e:1")
+    monkeypatch.setenv("ZMESH_PREFIX", "/env/")
+    cfg = agent_config(agent_args("--node-id", "n2"))
+    assert (cfg.etcd, cfg.prefix) == (["e:1"], "/env/")
+
+
+def test_ipv6_metrics_address():
+    cfg = agent_config(agent_args("--node-id", "n1", "--metrics-addr", "[::1]:9100"))
+    assert (cfg.metrics_host, cfg.metrics_port, cfg.metrics_addr) == ("::1", 9100, "[::1]:9100")
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--node-id", "Node_1", "--node-id: bad node id"),
+    ("--public-endpoint", "example.org", "--public-endpoint: bad public endpoint"),
+    ("--listen-port-range", "9-1", "--listen-port-range: bad port range"),
+    ("--resync-interval", "0", "--resync-interval: bad interval"),
+    ("--resync-interval", "soon", "--resync-interval: bad interval"),
+    ("--metrics-addr", "9100", "--metrics-addr: bad address"),
+    ("--etcd", "h:port", "--etcd: bad etcd endpoint"),
+])
+def test_bad_agent_flags_are_one_clear_line(flag, value, message, capsys):
+    argv = ["--node-id", "n1", flag, value] if flag != "--node-id" else [flag, value]
+    with pytest.raises(CliError, match=message):
+        agent_config(agent_args(*argv))
+    assert agent_main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"zmesh: {message}") and err.count("\n") == 1
+
+
+def test_split_endpoints_ignores_blanks():
+    assert split_endpoints([" a:1 , ", "b:2"]) == ["a:1", "b:2"]
+    assert split_endpoints(None, env="") == ["127.0.0.1:2379"]
+
+
+# --- reading manifests ----------------------------------------------------------------------
+
+
+def write(tmp_path, name, docs) -> str:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump_all(docs) if name.endswith(".yaml") else json.dumps(docs))
+    return str(p)
+
+
+def test_read_manifests_from_files_and_stdin(tmp_path, monkeypatch):
+    f = write(tmp_path, "a.yaml", [network_doc(), workload_doc()])
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(network_doc(name="red"))))
+    objs, problems = read_manifests([f, "-"])
+    assert problems == []
+    assert [(o.kind, o.name) for o in objs] == [("Network", "blue"), ("Workload", "web"), ("Network", "red")]
+
+
+def test_read_manifests_reports_every_problem_with_its_place(tmp_path):
+    good = write(tmp_path, "good.yaml", [network_doc()])
+    bad = write(tmp_path, "bad.yaml", [network_doc(name="Bad"), workload_doc(ip="1.2.3")])
+    (tmp_path / "broken.json").write_text('{"kind": ')
+    (tmp_path / "empty.yaml").write_text("")
+    node = write(tmp_path, "node.json", {"apiVersion": "zmesh.io/v1", "kind": "Node",
+                                         "metadata": {"name": "n1"}, "spec": {}})
+    objs, problems = read_manifests([good, bad, str(tmp_path / "broken.json"), str(tmp_path / "empty.yaml"),
+                                     str(tmp_path / "missing.yaml"), node])
+    assert [o.name for o in objs] == ["blue"]
+    text = "\n".join(problems)
+    assert f"{bad}#1 (Network/Bad): metadata.name:" in text
+    assert f"{bad}#2 (Workload/web): spec.ip:" in text
+    assert f"{tmp_path}/broken.json: not valid YAML or JSON" in text
+    assert f"{tmp_path}/empty.yaml: no documents" in text
+    assert f"{tmp_path}/missing.yaml: cannot read: No such file or directory" in text
+    assert "kind 'Node' is not one of Network, Workload" in text
+    assert all("\n" not in p for p in problems)
+
+
+# --- cross-object rules ----------------------------------------------------------------------
+
+
+NODES = {"n1", "n2", "n3"}
+
+
+def objs(*docs):
+    return [parse_object(d) for d in docs]
+
+
+def test_a_network_and_its_workloads_in_one_input_are_valid():
+    assert cross_problems(objs(network_doc(), workload_doc(ip="10.1.1.10")), {}, {}, NODES) == []
+
+
+def test_a_network_with_an_unregistered_node_is_rejected():
+    assert cross_problems(objs(network_doc()), {}, {}, {"n1", "n2"}) == [
+        "network/blue: node 'n3' is not a registered node"]
+
+
+def test_a_workload_is_checked_against_its_network_in_etcd():
+    blue = parse_object(network_doc())
+    assert cross_problems(objs(workload_doc(ip="10.1.1.10")), {"blue": blue}, {}, NODES) == []
+    assert cross_problems(objs(workload_doc(ip="10.1.2.10")), {"blue": blue}, {}, NODES) == [
+        "workload/web: ip 10.1.2.10 is outside the node's subnet 10.1.1.0/24"]
+
+
+def test_a_workload_of_a_network_that_exists_nowhere_is_rejected():
+    assert cross_problems(objs(workload_doc()), {}, {}, NODES) == ["workload/web: network 'blue' does not exist"]
+
+
+def test_a_workload_ip_taken_by_a_workload_in_etcd_is_rejected():
+    blue = parse_object(network_doc())
+    old = parse_object(workload_doc(name="old", ip="10.1.1.10"))
+    assert cross_problems(objs(workload_doc(ip="10.1.1.10")), {"blue": blue}, {"old": old}, NODES) == [
+        "workload/web: ip 10.1.1.10 is already used by workload 'old'"]
+
+
+def test_reapplying_a_workload_does_not_conflict_with_itself():
+    blue = parse_object(network_doc())
+    old = parse_object(workload_doc(ip="10.1.1.10"))
+    assert cross_problems(objs(workload_doc(ip="10.1.1.10")), {"blue": blue}, {"web": old}, NODES) == []
+
+
+def test_changing_a_network_must_not_break_workloads_already_in_etcd():
+    old_wl = parse_object(workload_doc(node="n3", ip="10.1.3.10"))
+    shrunk = network_doc(resources=[{"node": "n1", "subnet": "10.1.1.0/24"}])
+    assert cross_problems(objs(shrunk), {}, {"web": old_wl}, NODES) == [
+        "network/blue: existing workload/web would become invalid: node 'n3' is not part of network 'blue'"]
+
+
+def test_the_same_object_twice_in_one_input_is_rejected():
+    assert cross_problems(objs(network_doc(), network_doc()), {}, {}, NODES) == [
+        "network/blue: defined more than once in the input"]
+
+
+def test_two_networks_with_the_same_ranges_are_fine():
+    assert cross_problems(objs(network_doc(name="blue"), network_doc(name="red")), {}, {}, NODES) == []
+
+
+# --- output -------------------------------------------------------------------------------
+
+
+def test_table_aligns_columns():
+    assert output.table(["A", "LONGER"], [["xx", 1], ["y", None]]) == "A    LONGER\nxx   1\ny"
+
+
+def ready(node, gen=1, status="True"):
+    return ResourceStatus(network="blue", node=node, observedGeneration=gen,
+                          conditions=[Condition(type="Ready", status=status, reason="Converged")])
+
+
+def test_network_readiness_counts_nodes_ready_for_the_current_generation():
+    net = parse_object(network_doc())
+    net.metadata.generation = 5
+    view = output.NetworkView(net, {"n1": ready("n1", 5), "n2": ready("n2", 4), "n3": ready("n3", 5, "False")})
+    assert view.ready_count == 1 and not view.ready
+    row = output.networks_table([view]).splitlines()[1].split()
+    assert row == ["blue", "10.1.0.0/16", "n1,n2,n3", "1/3", "auto", "local", "5"]
+
+
+def test_nodes_table_shows_endpoints_hidden_and_alive():
+    pub = Node.model_validate({"metadata": {"name": "n1"}, "spec": {"endpoints": ["198.51.100.11"]}})
+    hid = Node.model_validate({"metadata": {"name": "n2"}, "spec": {}})
+    text = output.nodes_table([output.NodeView(pub, True), output.NodeView(hid, False)])
+    assert text.splitlines()[0].split() == ["NAME", "ENDPOINTS", "HIDDEN", "ALIVE", "PORTS", "VERSION"]
+    assert text.splitlines()[1].split()[:4] == ["n1", "198.51.100.11", "no", "yes"]
+    assert text.splitlines()[2].split()[:4] == ["n2", "-", "yes", "no"]
+
+
+def test_describe_network_shows_every_nr_and_its_conditions():
+    net = parse_object(network_doc(aggregators=["n1"]))
+    hid = Node.model_validate({"metadata": {"name": "n2"}, "spec": {}})
+    text = output.describe_network(output.NetworkView(net, {"n1": ready("n1")}), {"n2": output.NodeView(hid, True)})
+    assert "IP range:     10.1.0.0/16" in text
+    assert "n1  subnet 10.1.1.0/24  gateway 10.1.1.1  (unregistered node)" in text
+    assert "n2  subnet 10.1.2.0/24  gateway 10.1.2.1  (hidden, alive)" in text
+    assert "Ready   True" in " ".join(text.split("  ")) or "Ready" in text
+    assert "status: none reported yet" in text
+
+
+def test_json_output_of_a_list_is_a_kind_list_of_reappliable_manifests():
+    net = parse_object(network_doc())
+    data = json.loads(output.dump(output.as_list([output.manifest(net)]), "json"))
+    assert data["kind"] == "List"
+    assert parse_object(data["items"][0]) == net
