@@ -308,9 +308,12 @@ def _public_peers(ctx: NodeContext, remotes: Sequence[_Remote], hidden_remotes: 
             continue
         address = choose_endpoint(ctx.endpoints, r.status.endpoints)
         if address is None:
-            issues.append(Issue(NO_COMMON_FAMILY, f"node {r.node!r} publishes only "
-                                f"{_families(r.status.endpoints)} endpoints and this node has "
-                                f"only {_families(ctx.endpoints)}: it is unreachable", r.node))
+            message = (f"node {r.node!r} publishes only {_families(r.status.endpoints)} endpoints "
+                       f"and this node has only {_families(ctx.endpoints)}: it is unreachable")
+            if r.node == aggregator and hidden_subnets:
+                message += (", and so are the hidden subnets it relays ("
+                            + ", ".join(map(str, hidden_subnets)) + ")")
+            issues.append(Issue(NO_COMMON_FAMILY, message, r.node))
             continue
         allowed = (r.subnet,) + (hidden_subnets if r.node == aggregator else ())
         peers.append(DesiredPeer(r.status.publicKey, format_endpoint(address, r.status.listenPort),

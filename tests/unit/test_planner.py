@@ -1,69 +1,17 @@
-"""plan_network(): peers, AllowedIPs, endpoints, routes and attachments of one node's NR.
+"""plan_network(): peers, AllowedIPs, endpoints, routes and attachments of one node's NR,
+in the world of planner_world.py (p1, p2 public IPv4; p1, p6 public IPv6; h1, h2 hidden)."""
 
-World used below (network "blue", ipRange 10.1.0.0/16):
-  p1 public 198.51.100.1 + 2001:db8::1    10.1.1.0/24   first aggregator
-  p2 public 203.0.113.2                  10.1.2.0/24   second aggregator
-  p6 public 2001:db8::6 (IPv6 only)      10.1.6.0/24
-  h1 hidden                              10.1.11.0/24
-  h2 hidden                              10.1.12.0/24
-"""
-
-import base64
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network as N, ip_address
 
 import pytest
+from planner_world import SUBNETS, all_statuses, key, network, plan, status
 
-from controller.models.resources import Network, ResourceStatus, Workload
+from controller.models.resources import Workload
 from controller.planner import names
 from controller.planner.plan import (
     HIDDEN_KEEPALIVE, INVALID_FACTS, NO_AGGREGATOR, NO_COMMON_FAMILY, PEER_PENDING, WORKLOAD_PENDING,
-    DesiredPeer, LocalFacts, NodeContext, choose_endpoint, plan_network,
+    DesiredPeer, NodeContext, choose_endpoint,
 )
-
-ENDPOINTS = {
-    "p1": ("198.51.100.1", "2001:db8::1"),
-    "p2": ("203.0.113.2",),
-    "p6": ("2001:db8::6",),
-    "h1": (),
-    "h2": (),
-}
-SUBNETS = {"p1": "10.1.1.0/24", "p2": "10.1.2.0/24", "p6": "10.1.6.0/24",
-           "h1": "10.1.11.0/24", "h2": "10.1.12.0/24"}
-PORTS = {"p1": 51821, "p2": 51822, "p6": 51826, "h1": 51831, "h2": 51832}
-
-
-def network(nodes=tuple(SUBNETS), aggregators=("p1", "p2")):
-    return Network.model_validate({
-        "metadata": {"name": "blue"},
-        "spec": {"ipRange": "10.1.0.0/16",
-                 "resources": [{"node": n, "subnet": SUBNETS[n]} for n in nodes],
-                 "aggregators": [a for a in aggregators if a in nodes]},
-    })
-
-
-def key(node):
-    """A well-formed, distinct WireGuard public key per node (base64 of 32 bytes)."""
-    return base64.b64encode(node.encode().ljust(32, b".")).decode()
-
-
-def status(node, **override):
-    facts = dict(network="blue", node=node, publicKey=key(node), listenPort=PORTS[node],
-                 endpoints=list(ENDPOINTS[node]), subnet=SUBNETS[node])
-    facts.update(override)
-    return ResourceStatus.model_validate(facts)
-
-
-def all_statuses(*except_nodes):
-    return {n: status(n) for n in SUBNETS if n not in except_nodes}
-
-
-def ctx(node, prefix="n-"):
-    return NodeContext(node, prefix, tuple(ip_address(a) for a in ENDPOINTS[node]), 1500)
-
-
-def plan(node, net=None, statuses=None, alive=None, workloads=(), ips=None):
-    return plan_network(ctx(node), net or network(), all_statuses() if statuses is None else statuses,
-                        alive, workloads, LocalFacts(key(node), PORTS[node]), ips or {})
 
 
 def peers_by_node(nr):
