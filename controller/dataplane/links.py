@@ -22,6 +22,7 @@ from .netns import (
     delete_netns,
     netns_exists,
     netns_path,
+    transient_iproute,
     sysctl_get,
     sysctl_set,
 )
@@ -94,11 +95,18 @@ async def _dump(ipr, what: str, **kw) -> list:
     return [m async for m in await getattr(ipr, what)("dump", **kw)]
 
 
-async def observe_netns(pool: NetlinkPool, netns: str, sysctls: bool = True) -> NRState | None:
-    """Links (with IPv4 addresses) and main-table IPv4 routes of a namespace; None if absent."""
-    if not netns_exists(netns):
-        return None
-    ipr = await pool.get(netns)
+async def observe_netns(
+    pool: NetlinkPool | None, netns: str, sysctls: bool = True, ipr=None
+) -> NRState | None:
+    """Links (with IPv4 addresses) and main-table IPv4 routes of a namespace; None if absent.
+
+    Uses `ipr` if given, else the pool's cached socket.
+    """
+    if ipr is None:
+        try:
+            ipr = await pool.get(netns)
+        except FileNotFoundError:
+            return None
     addrs: dict[int, set[IPv4Interface]] = {}
     for m in await _dump(ipr, "addr", family=2):
         addrs.setdefault(m["index"], set()).add(
@@ -168,8 +176,9 @@ class Links:
             await self._w((await self.pool.get(netns)).link("set", index=lo.index, state="up"))
             n += 1
         if not st.ip_forward:
-            self.writes += 1
-            n += int(await sysctl_set(netns, "net.ipv4.ip_forward", "1"))
+            wrote = await sysctl_set(netns, "net.ipv4.ip_forward", "1")
+            self.writes += int(wrote)
+            n += int(wrote)
         return n
 
     async def delete_nr(self, netns: str) -> bool:
@@ -274,17 +283,25 @@ class Links:
 
     # --- workloads ------------------------------------------------------------------------
 
-    async def observe_workload(self, netns: str, ifname: str) -> NRState | None:
+    async def observe_workload(self, netns: str) -> NRState | None:
         """The workload namespace's state (None if the namespace is gone)."""
         if not os.path.exists(netns_path(netns)):
             return None
-        return await observe_netns(self.pool, netns, sysctls=False)
+        async with transient_iproute(netns) as wipr:
+            return await observe_netns(None, netns, sysctls=False, ipr=wipr)
 
     async def ensure_workload(self, nr_netns: str, bridge: str, wl: VethAttachment) -> int:
         """A veth from the NR's bridge into the workload's namespace, addressed and routed.
 
-        The peer is created directly inside the workload namespace (no 20 ms move).
+        The peer is created directly inside the workload namespace (no 20 ms move). The socket
+        into the workload namespace is not cached: it would keep a dead container's namespace.
         """
+        if not os.path.exists(netns_path(wl.netns)):
+            raise FileNotFoundError(errno.ENOENT, f"workload namespace {wl.netns} does not exist")
+        async with transient_iproute(wl.netns) as wipr:
+            return await self._ensure_workload(nr_netns, bridge, wl, wipr)
+
+    async def _ensure_workload(self, nr_netns: str, bridge: str, wl: VethAttachment, wipr) -> int:
         ipr = await self.pool.get(nr_netns)
         st = await self.observe(nr_netns, sysctls=False)
         br = st.link(bridge)
@@ -292,9 +309,7 @@ class Links:
             raise FileNotFoundError(errno.ENODEV, f"no bridge {bridge} in {nr_netns}")
         n = 0
         host = st.link(wl.host_ifname)
-        wst = await self.observe_workload(wl.netns, wl.ifname)
-        if wst is None:
-            raise FileNotFoundError(errno.ENOENT, f"workload namespace {wl.netns} does not exist")
+        wst = await observe_netns(None, wl.netns, sysctls=False, ipr=wipr)
         inner = wst.link(wl.ifname)
         if host is not None and (inner is None or inner.peer_index != host.index):
             # our host end lost its peer (namespace recreated, peer renamed): start over
@@ -323,10 +338,9 @@ class Links:
             n += 1
             st = await self.observe(nr_netns, sysctls=False)
             host = st.link(wl.host_ifname)
-            wst = await self.observe_workload(wl.netns, wl.ifname)
+            wst = await observe_netns(None, wl.netns, sysctls=False, ipr=wipr)
             inner = wst.link(wl.ifname)
         n += await self._ensure_link_attrs(ipr, host, mtu=wl.mtu, up=True, master=br.index)
-        wipr = await self.pool.get(wl.netns)
         n += await self._ensure_addresses(wipr, inner, {wl.address})
         n += await self._ensure_link_attrs(wipr, inner, mtu=wl.mtu, up=True)
         dflt = wst.route(DEFAULT_ROUTE)
@@ -352,8 +366,3 @@ class Links:
                 raise
             return False
         return True
-
-    def forget_workload_netns(self, netns: str) -> None:
-        """Drop the cached socket into a workload namespace (call when the workload goes away)."""
-        self.pool.forget(netns)
-

@@ -17,6 +17,7 @@ None means the process's own namespace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import socket
@@ -145,6 +146,27 @@ async def sysctl_set(ref: str | None, key: str, value: str) -> bool:
     return await run_in_netns(ref, write)
 
 
+async def open_iproute(ref: str | None) -> AsyncIPRoute:
+    """A new rtnetlink socket inside `ref` (the caller closes it)."""
+    sock = await asyncio.get_running_loop().run_in_executor(
+        None, open_socket_in, ref, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE
+    )
+    ipr = AsyncIPRoute(fileno=sock.detach())
+    await ipr.setup_endpoint()
+    return ipr
+
+
+@contextlib.asynccontextmanager
+async def transient_iproute(ref: str | None):
+    """A socket for one job in a namespace we must not pin (a workload's: when the container
+    dies its namespace, and the veth in it, must go)."""
+    ipr = await open_iproute(ref)
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
 class NetlinkPool:
     """One rtnetlink socket (AsyncIPRoute) per namespace, reopened when the namespace changes.
 
@@ -158,18 +180,19 @@ class NetlinkPool:
         self._lock = asyncio.Lock()
 
     async def get(self, ref: str | None) -> AsyncIPRoute:
-        ident = _identity(ref)  # raises FileNotFoundError when the namespace is gone
+        """The cached socket into `ref`; FileNotFoundError (and the cache dropped) if it is gone."""
+        try:
+            ident = _identity(ref)
+        except FileNotFoundError:
+            self.forget(ref)  # don't pin a namespace someone else deleted
+            raise
         async with self._lock:
             cached = self._socks.get(ref)
             if cached and cached[0] == ident:
                 return cached[1]
             if cached:
                 cached[1].close()
-            sock = await asyncio.get_running_loop().run_in_executor(
-                None, open_socket_in, ref, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE
-            )
-            ipr = AsyncIPRoute(fileno=sock.detach())
-            await ipr.setup_endpoint()
+            ipr = await open_iproute(ref)
             self._socks[ref] = (ident, ipr)
             return ipr
 
