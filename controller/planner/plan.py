@@ -51,6 +51,8 @@ class NodeContext:
 
     def __post_init__(self):
         names.check_prefix(self.name_prefix)
+        # Accept any iterable of addresses or strings; keep a tuple so the context stays hashable.
+        object.__setattr__(self, "endpoints", tuple(ipaddress.ip_address(a) for a in self.endpoints))
         if self.underlay_mtu < MIN_UNDERLAY_MTU:
             raise ValueError(f"underlay MTU {self.underlay_mtu} is below {MIN_UNDERLAY_MTU}")
 

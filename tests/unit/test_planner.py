@@ -39,6 +39,18 @@ def test_underlay_mtu_below_ipv6_minimum_is_rejected():
         NodeContext("p1", "", (), 1200)
 
 
+def test_node_context_takes_endpoints_as_strings_and_stays_hashable():
+    c = NodeContext("p1", "n1-", ["198.51.100.1", "2001:db8::1"])
+    assert c.endpoints == (ip_address("198.51.100.1"), ip_address("2001:db8::1"))
+    assert hash(c) == hash(NodeContext("p1", "n1-", (ip_address("198.51.100.1"), ip_address("2001:db8::1"))))
+    assert not c.hidden and NodeContext("h1").hidden
+
+
+def test_node_context_rejects_a_bad_prefix():
+    with pytest.raises(ValueError, match="name prefix"):
+        NodeContext("p1", "n1")
+
+
 def test_equal_inputs_give_equal_hashable_plans():
     assert plan("p1") == plan("p1")
     assert hash(plan("p1")) == hash(plan("p1"))
