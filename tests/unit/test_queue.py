@@ -52,6 +52,7 @@ async def test_no_key_is_ever_processed_twice_at_the_same_time():
     running: set[str] = set()
     overlaps = []
     runs = 0
+    fifth_run = asyncio.Event()
 
     async def worker(key):
         nonlocal runs
@@ -59,16 +60,19 @@ async def test_no_key_is_ever_processed_twice_at_the_same_time():
             overlaps.append(key)
         running.add(key)
         runs += 1
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # idle workers get every chance to grab the key meanwhile
         if runs < 5:
             q.add(key)  # a change arrives while we work
+        else:
+            fifth_run.set()
         running.discard(key)
 
     q.add("blue")
     runner = asyncio.create_task(q.run(worker, concurrency=4))
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(fifth_run.wait(), 5)
+    await asyncio.sleep(0.05)
     q.shutdown()
-    await asyncio.wait_for(runner, 1)
+    await asyncio.wait_for(runner, 5)
     assert overlaps == []
     assert runs == 5  # every add during processing led to exactly one more run
 
