@@ -1,0 +1,337 @@
+"""The zmesh CLI against a real etcd (the `etcd` fixture): what it writes, what it reads, and
+that bad input writes nothing. Hand-written values go in with the real `etcdctl`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controller.cli.main import main
+
+pytestmark = pytest.mark.etcd
+
+ZMESH = str(Path(sys.executable).with_name("zmesh"))
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "network.yaml"
+
+
+class Cli:
+    """Runs `zmesh` in-process against one etcd; keeps stdout, stderr and the exit code."""
+
+    def __init__(self, etcd, capsys, prefix="/zmesh/"):
+        self.etcd, self.capsys, self.prefix = etcd, capsys, prefix
+
+    def __call__(self, *argv: str) -> tuple[int, str, str]:
+        self.capsys.readouterr()
+        code = main(["--etcd", self.etcd.endpoint, "--prefix", self.prefix, "--timeout", "2", *argv])
+        out = self.capsys.readouterr()
+        return code, out.out, out.err
+
+    def ok(self, *argv: str) -> str:
+        code, out, err = self(*argv)
+        assert code == 0, err
+        return out
+
+    def json(self, *argv: str):
+        return json.loads(self.ok(*argv, "-o", "json"))
+
+    def etcdctl(self, *args: str, input: str | None = None) -> str:
+        env = {**os.environ, "ETCDCTL_API": "3"}
+        r = subprocess.run(["etcdctl", "--endpoints", self.etcd.endpoint, *args], input=input,
+                           capture_output=True, text=True, env=env, check=True)
+        return r.stdout
+
+    def put(self, key: str, value: str) -> None:
+        self.etcdctl("put", key, "--", value) if value.startswith("-") else self.etcdctl("put", key, value)
+
+    def keys(self) -> list[str]:
+        return self.etcdctl("get", "--prefix", "--keys-only", self.prefix).split()
+
+    def register(self, *names: str, alive=True, hidden=()) -> None:
+        for n in names:
+            spec = {} if n in hidden else {"endpoints": [f"198.51.100.{10 + len(n)}"]}
+            self.put(f"{self.prefix}v1/nodes/{n}", json.dumps(
+                {"apiVersion": "zmesh.io/v1", "kind": "Node", "metadata": {"name": n}, "spec": spec}))
+            if alive:
+                self.put(f"{self.prefix}v1/alive/{n}", '{"since":"2026-01-01T00:00:00+00:00"}')
+
+
+@pytest.fixture
+def cli(etcd, capsys):
+    if not shutil.which("etcdctl"):
+        pytest.skip("etcdctl not installed")
+    c = Cli(etcd, capsys)
+    c.register("n1", "n2", "n3", hidden=("n3",))
+    return c
+
+
+def network(name="blue", nodes=("n1", "n2", "n3"), **spec) -> dict:
+    return {"apiVersion": "zmesh.io/v1", "kind": "Network", "metadata": {"name": name},
+            "spec": {"ipRange": "10.1.0.0/16",
+                     "resources": [{"node": n, "subnet": f"10.1.{i}.0/24"} for i, n in enumerate(nodes, 1)],
+                     **spec}}
+
+
+def workload(name="web", node="n1", ip=None, network="blue") -> dict:
+    spec = {"network": network, "node": node, "netns": f"ctr-{name}"}
+    if ip:
+        spec["ip"] = ip
+    return {"apiVersion": "zmesh.io/v1", "kind": "Workload", "metadata": {"name": name}, "spec": spec}
+
+
+def manifest_file(tmp_path, *docs, name="m.yaml") -> str:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump_all(list(docs)))
+    return str(p)
+
+
+def without_generation(obj: dict) -> dict:
+    obj = json.loads(json.dumps(obj))
+    obj["metadata"].pop("generation", None)
+    return obj
+
+
+# --- apply ------------------------------------------------------------------------------------
+
+
+def test_apply_creates_then_reports_unchanged_then_configured(cli, tmp_path):
+    f = manifest_file(tmp_path, network(), workload(ip="10.1.1.10"))
+    assert cli.ok("apply", "-f", f) == "network/blue created\nworkload/web created\n"
+    assert cli.ok("apply", "-f", f) == "network/blue unchanged\nworkload/web unchanged\n"
+    f2 = manifest_file(tmp_path, network(aggregators=["n1"]), name="m2.yaml")
+    assert cli.ok("apply", "-f", f2) == "network/blue configured\n"
+    assert cli.json("get", "networks", "blue")["spec"]["aggregators"] == ["n1"]
+
+
+def test_apply_writes_canonical_json_and_the_node_index(cli, tmp_path):
+    cli.ok("apply", "-f", manifest_file(tmp_path, network(), workload()))
+    stored = json.loads(cli.etcdctl("get", "--print-value-only", "/zmesh/v1/networks/blue"))
+    assert stored == network() | {"spec": network()["spec"] | {"aggregators": []}}  # no generation
+    assert "/zmesh/v1/index/nodes/n3/networks/blue" in cli.keys()
+    assert "/zmesh/v1/index/nodes/n1/workloads/web" in cli.keys()
+
+
+def test_apply_reads_stdin_and_json(cli, etcd):
+    r = subprocess.run([ZMESH, "--etcd", etcd.endpoint, "apply", "-f", "-"], input=json.dumps(network()),
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "network/blue created\n", "")
+
+
+def test_the_example_manifest_applies(cli):
+    out = cli.ok("apply", "-f", str(EXAMPLE))
+    assert "network/demo created" in out and out.count("workload/") == 3
+
+
+def test_dry_run_writes_nothing(cli, tmp_path):
+    assert cli.ok("apply", "--dry-run", "-f", manifest_file(tmp_path, network())) == "network/blue created (dry run)\n"
+    assert not [k for k in cli.keys() if "/networks/" in k]
+
+
+# --- validation writes nothing ----------------------------------------------------------------
+
+
+def spec_keys(cli) -> list[str]:
+    return [k for k in cli.keys() if "/v1/networks/" in k or "/v1/workloads/" in k or "/index/" in k]
+
+
+def test_one_bad_document_means_nothing_is_written(cli, tmp_path):
+    f = manifest_file(tmp_path, network(), workload(ip="10.1.1.1"), network("red", nodes=("n1", "n1")))
+    code, out, err = cli("apply", "-f", f)
+    assert code == 1 and out == ""
+    lines = err.splitlines()
+    assert any("workload/web: ip 10.1.1.1 is the gateway of 10.1.1.0/24" in l for l in lines)
+    assert any("(Network/red): spec: resources[1]: node 'n1' appears more than once" in l for l in lines)
+    assert lines[-1] == "zmesh: nothing applied: 2 problem(s)"
+    assert all(l.startswith("zmesh: ") for l in lines)
+    assert spec_keys(cli) == []
+
+
+def test_an_unregistered_node_is_an_error(cli, tmp_path):
+    code, _, err = cli("apply", "-f", manifest_file(tmp_path, network(nodes=("n1", "n9"))))
+    assert code == 1 and "zmesh: network/blue: node 'n9' is not a registered node" in err
+    assert spec_keys(cli) == []
+
+
+def test_a_node_registered_with_a_malformed_record_still_exists(cli, tmp_path):
+    cli.put("/zmesh/v1/nodes/n4", "{broken")
+    assert cli.ok("apply", "-f", manifest_file(tmp_path, network(nodes=("n4",)))) == "network/blue created\n"
+
+
+def test_workloads_are_checked_against_the_network_in_etcd(cli, tmp_path):
+    cli.ok("apply", "-f", manifest_file(tmp_path, network(), workload("a", ip="10.1.1.10")))
+    code, _, err = cli("apply", "-f", manifest_file(tmp_path, workload("b", ip="10.1.1.10"), name="b.yaml"))
+    assert code == 1 and "workload/b: ip 10.1.1.10 is already used by workload 'a'" in err
+    code, _, err = cli("apply", "-f", manifest_file(tmp_path, workload("c", network="nope"), name="c.yaml"))
+    assert code == 1 and "workload/c: network 'nope' does not exist" in err
+    assert [w["metadata"]["name"] for w in cli.json("get", "workloads")["items"]] == ["a"]
+
+
+def test_a_network_change_that_would_orphan_a_workload_is_refused(cli, tmp_path):
+    cli.ok("apply", "-f", manifest_file(tmp_path, network(), workload(node="n3")))
+    code, _, err = cli("apply", "-f", manifest_file(tmp_path, network(nodes=("n1", "n2")), name="x.yaml"))
+    assert code == 1 and "existing workload/web would become invalid: node 'n3' is not part of network 'blue'" in err
+    assert cli.json("get", "networks", "blue")["spec"]["resources"][2]["node"] == "n3"
+
+
+def test_malformed_files_are_one_line_each(cli, tmp_path):
+    (tmp_path / "bad.json").write_text('{"apiVersion": "zmesh.io/v1", ')
+    code, out, err = cli("apply", "-f", str(tmp_path / "bad.json"), "-f", str(tmp_path / "missing.yaml"))
+    assert code == 1 and out == ""
+    assert err.splitlines()[0].startswith(f"zmesh: {tmp_path}/bad.json: not valid YAML or JSON")
+    assert f"{tmp_path}/missing.yaml: cannot read" in err.splitlines()[1]
+
+
+def test_two_networks_may_share_ranges(cli, tmp_path):
+    out = cli.ok("apply", "-f", manifest_file(tmp_path, network("blue"), network("red")))
+    assert out == "network/blue created\nnetwork/red created\n"
+
+
+# --- reading: CLI-written and etcdctl-written values are the same ------------------------------
+
+
+def test_values_written_with_etcdctl_read_exactly_like_the_clis(cli, tmp_path):
+    cli.ok("apply", "-f", manifest_file(tmp_path, network("blue")))
+    # The same network by hand: keys in another order, and once as YAML.
+    red = network("red")
+    cli.put("/zmesh/v1/networks/red", json.dumps({k: red[k] for k in ("spec", "metadata", "kind", "apiVersion")}))
+    green = network("green")
+    cli.put("/zmesh/v1/networks/green", yaml.safe_dump(green))
+    items = {i["metadata"]["name"]: i for i in cli.json("get", "networks")["items"]}
+    assert set(items) == {"blue", "red", "green"}
+    for name in ("red", "green"):
+        assert items[name]["metadata"]["generation"] > 0
+        expected = without_generation(items["blue"])
+        expected["metadata"]["name"] = name
+        assert without_generation(items[name]) == expected
+    table = cli.ok("get", "networks").splitlines()
+    assert [row.split()[1:4] for row in table[1:]] == [["10.1.0.0/16", "n1,n2,n3", "0/3"]] * 3
+
+
+def test_a_malformed_value_is_a_warning_and_the_rest_still_lists(cli, tmp_path):
+    cli.ok("apply", "-f", manifest_file(tmp_path, network("blue")))
+    cli.put("/zmesh/v1/networks/broken", '{"apiVersion": "zmesh.io/v1", "kind": ')
+    cli.put("/zmesh/v1/networks/reserved", json.dumps(network("reserved") | {"spec": {"ipRange": "100.64.0.0/16"}}))
+    cli.put("/zmesh/v1/networks/misnamed", json.dumps(network("other")))
+    code, out, err = cli("get", "networks")
+    assert code == 0
+    assert [line.split()[0] for line in out.splitlines()] == ["NAME", "blue"]
+    assert "zmesh: warning: /zmesh/v1/networks/broken: value is not valid JSON" in err
+    assert "zmesh: warning: /zmesh/v1/networks/reserved: spec.ipRange: ipRange 100.64.0.0/16 overlaps" in err
+    assert "zmesh: warning: /zmesh/v1/networks/misnamed: metadata.name 'other' does not match" in err
+    assert len(err.splitlines()) == 3
+
+
+def test_get_nodes_shows_endpoints_hidden_and_alive(cli):
+    cli.register("n4", alive=False)
+    rows = [line.split() for line in cli.ok("get", "nodes").splitlines()]
+    assert rows[0] == ["NAME", "ENDPOINTS", "HIDDEN", "ALIVE", "PORTS", "VERSION"]
+    assert {r[0]: (r[2], r[3]) for r in rows[1:]} == {
+        "n1": ("no", "yes"), "n2": ("no", "yes"), "n3": ("yes", "yes"), "n4": ("no", "no")}
+    assert cli.json("get", "nodes", "n3")["spec"] == {
+        "endpoints": [], "listenPortRange": {"max": 52819, "min": 51820}, "version": "", "capabilities": []}
+
+
+def test_get_one_missing_object_is_an_error(cli):
+    assert cli("get", "networks", "nope")[::2] == (1, "zmesh: network/nope not found\n")
+
+
+def test_get_yaml_output_can_be_applied_again(cli, tmp_path):
+    cli.ok("apply", "-f", manifest_file(tmp_path, network(), workload(ip="10.1.1.10")))
+    (tmp_path / "back.yaml").write_text(cli.ok("get", "workloads", "web", "-o", "yaml"))
+    assert cli.ok("apply", "-f", str(tmp_path / "back.yaml")) == "workload/web unchanged\n"
+
+
+# --- status from the agents -------------------------------------------------------------------
+
+
+def nr_status(node, generation, ready="True", network_name="blue") -> str:
+    return json.dumps({
+        "apiVersion": "zmesh.io/v1", "kind": "NetworkResourceStatus", "network": network_name, "node": node,
+        "observedGeneration": generation, "publicKey": "A" * 43 + "=", "listenPort": 51820,
+        "conditions": [{"type": "Ready", "status": ready, "reason": "Converged" if ready == "True" else "PeerMissing",
+                        "message": "" if ready == "True" else "no peer for n3 yet",
+                        "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+    })
+
+
+def test_describe_and_status_show_what_the_agents_report(cli, tmp_path):
+    cli.ok("apply", "-f", manifest_file(tmp_path, network(), workload(ip="10.1.1.10")))
+    gen = cli.json("get", "networks", "blue")["metadata"]["generation"]
+    cli.put("/zmesh/v1/status/networks/blue/n1", nr_status("n1", gen))
+    cli.put("/zmesh/v1/status/networks/blue/n2", nr_status("n2", gen, ready="False"))
+    cli.put("/zmesh/v1/status/networks/blue/n3", "garbage: [")
+    code, out, err = cli("describe", "network", "blue")
+    assert code == 0
+    assert "Ready:        1/3 network resources" in out
+    assert "n3  subnet 10.1.3.0/24  gateway 10.1.3.1  (hidden, alive)" in out
+    assert "PeerMissing" in out and "no peer for n3 yet" in out
+    assert "zmesh: warning: /zmesh/v1/status/networks/blue/n3" in err
+    assert cli.ok("get", "networks").splitlines()[1].split()[3] == "1/3"
+    status = cli.json("status")
+    assert status["nodes"]["alive"] == 3
+    assert status["networks"]["items"] == [{"name": "blue", "ready": False, "readyResources": 1, "resources": 3}]
+    described = cli.json("describe", "network", "blue")
+    assert described["status"]["readyResources"] == 1
+    assert "Status:       none reported yet" in cli.ok("describe", "workload", "web")
+
+
+# --- delete ----------------------------------------------------------------------------------
+
+
+def test_delete_by_name_and_by_file(cli, tmp_path):
+    f = manifest_file(tmp_path, network(), workload())
+    cli.ok("apply", "-f", f)
+    assert cli.ok("delete", "workload", "web") == "workload/web deleted\n"
+    assert cli("delete", "workload", "web")[::2] == (1, "zmesh: workload/web not found\n")
+    assert cli("delete", "workload", "web", "--ignore-not-found")[0] == 0
+    cli.ok("apply", "-f", f)
+    assert cli.ok("delete", "-f", f) == "workload/web deleted\nnetwork/blue deleted\n"
+    assert spec_keys(cli) == []
+
+
+def test_deleting_a_network_warns_about_its_workloads(cli, tmp_path):
+    cli.ok("apply", "-f", manifest_file(tmp_path, network(), workload()))
+    code, out, err = cli("delete", "network", "blue")
+    assert (code, out) == (0, "network/blue deleted\n")
+    assert err == "zmesh: warning: workload/web still refers to deleted network/blue\n"
+
+
+def test_a_malformed_value_can_still_be_deleted(cli):
+    cli.put("/zmesh/v1/networks/broken", "{nope")
+    assert cli.ok("delete", "network", "broken") == "network/broken deleted\n"
+
+
+# --- prefix and failures ---------------------------------------------------------------------
+
+
+def test_the_prefix_separates_installations(cli, etcd, capsys, tmp_path):
+    other = Cli(etcd, capsys, prefix="/other/")
+    other.register("n1", "n2", "n3")
+    other.ok("apply", "-f", manifest_file(tmp_path, network()))
+    assert "blue" not in cli.ok("get", "networks")
+    assert other.json("get", "networks", "blue")["metadata"]["name"] == "blue"
+    assert all(k.startswith("/other/v1/") for k in other.keys())
+
+
+def test_etcd_down_is_one_clear_line(cli, etcd, tmp_path):
+    etcd.stop()
+    for argv in (["get", "networks"], ["apply", "-f", manifest_file(tmp_path, network())], ["status"]):
+        code, out, err = cli(*argv)
+        assert code == 1 and out == ""
+        assert err.startswith(f"zmesh: cannot reach etcd at {etcd.endpoint} (")
+        assert err.count("\n") == 1
+
+
+def test_the_installed_command_reports_etcd_down_without_a_traceback(etcd):
+    endpoint = etcd.endpoint
+    etcd.stop()
+    r = subprocess.run([ZMESH, "--etcd", endpoint, "--timeout", "1", "get", "networks"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.startswith(f"zmesh: cannot reach etcd at {endpoint} (") and r.stderr.count("\n") == 1
