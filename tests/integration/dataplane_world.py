@@ -120,6 +120,15 @@ class World:
         await self.links.ensure_routes(n.nr_ns, n.wg, [o.subnet for o in self.nodes if o is not n])
         return self.links.writes + n.backend.starts - before + (1 if ops else 0)
 
+    async def two_nodes(self):
+        """Nodes a and b with one NR each, converged, and one workload on each NR."""
+        a_ns, b_ns = await self.build_underlay()
+        a = await self.node(a_ns, "a", "198.51.100.1/24", "10.1.1.0/24")
+        b = await self.node(b_ns, "b", "198.51.100.2/24", "10.1.2.0/24")
+        for n in (a, b):
+            assert await self.converge(n) > 0
+        return a, b, await self.workload(a, "a", 5), await self.workload(b, "b", 5)
+
     async def workload(self, n: NodeNR, tag: str, host_index: int) -> VethAttachment:
         ns = await self.netns(f"w{tag}")
         wl = VethAttachment(
@@ -163,6 +172,16 @@ class World:
             except Exception:
                 pass
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@pytest.fixture
+async def world():
+    """A World whose every namespace, process, socket and temp dir is removed afterwards."""
+    w = World()
+    try:
+        yield w
+    finally:
+        await w.close()
 
 
 async def ping(src_ns: str, dst: IPv4Address | str, count: int = 3) -> bool:

@@ -7,6 +7,7 @@ import os
 from ipaddress import IPv4Interface, IPv4Network
 
 import pytest
+from dataplane_world import world  # noqa: F401 (fixture)
 from dataplane_world import MTU, World, needs_root, ping, sh
 
 from controller.dataplane.links import Links
@@ -23,15 +24,6 @@ from controller.dataplane.netns import (
 pytestmark = [pytest.mark.root, needs_root]
 
 GW = IPv4Interface("10.1.1.1/24")
-
-
-@pytest.fixture
-async def world():
-    w = World()
-    try:
-        yield w
-    finally:
-        await w.close()
 
 
 async def nr(w: World) -> str:

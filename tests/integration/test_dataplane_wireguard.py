@@ -7,7 +7,8 @@ import os
 import signal
 
 import pytest
-from dataplane_world import World, needs_root, ping
+from dataplane_world import world  # noqa: F401 (fixture)
+from dataplane_world import needs_root, ping
 
 from controller.dataplane.wireguard import select_backend, uapi
 from controller.dataplane.wireguard.base import DeviceOps, PeerOp, WireGuardError
@@ -17,28 +18,8 @@ from controller.dataplane.wireguard.userspace import UserspaceBackend
 pytestmark = [pytest.mark.root, needs_root]
 
 
-@pytest.fixture
-async def world():
-    w = World()
-    try:
-        yield w
-    finally:
-        await w.close()
-
-
-async def two_nodes(w: World):
-    a_ns, b_ns = await w.build_underlay()
-    a = await w.node(a_ns, "a", "198.51.100.1/24", "10.1.1.0/24")
-    b = await w.node(b_ns, "b", "198.51.100.2/24", "10.1.2.0/24")
-    for n in (a, b):
-        assert await w.converge(n) > 0
-    wa = await w.workload(a, "a", 5)
-    wb = await w.workload(b, "b", 5)
-    return a, b, wa, wb
-
-
 async def test_ping_across_and_counters(world):
-    a, b, wa, wb = await two_nodes(world)
+    a, b, wa, wb = await world.two_nodes()
     assert await ping(wa.netns, wb.address.ip)
     assert await ping(wb.netns, wa.address.ip)
     sa = await a.backend.get(a.wg, a.nr_ns)
@@ -51,7 +32,7 @@ async def test_ping_across_and_counters(world):
 
 
 async def test_second_converge_writes_nothing(world):
-    a, b, wa, wb = await two_nodes(world)
+    a, b, wa, wb = await world.two_nodes()
     snap = {n.nr_ns: await world.links.observe(n.nr_ns) for n in (a, b)}
     pids = {n.wg: n.backend.pid(n.wg) for n in (a, b)}
     for n in (a, b):
@@ -67,7 +48,7 @@ async def test_second_converge_writes_nothing(world):
 
 
 async def test_killed_wireguard_go_is_restarted_by_one_converge(world):
-    a, b, wa, wb = await two_nodes(world)
+    a, b, wa, wb = await world.two_nodes()
     old = a.backend.pid(a.wg)
     os.kill(old, signal.SIGKILL)
     for _ in range(200):  # the TUN link goes when the process dies
@@ -83,7 +64,7 @@ async def test_killed_wireguard_go_is_restarted_by_one_converge(world):
 
 
 async def test_adoption_after_agent_restart_keeps_the_process(world):
-    a, b, wa, wb = await two_nodes(world)
+    a, b, wa, wb = await world.two_nodes()
     pid = a.backend.pid(a.wg)
     await a.backend.close()  # the "agent" exits; wireguard-go stays
     fresh = UserspaceBackend(a.state_dir, host_netns=a.node_ns, links=world.links)
@@ -96,7 +77,7 @@ async def test_adoption_after_agent_restart_keeps_the_process(world):
 
 
 async def test_stale_pidfile_of_another_process_is_not_adopted_or_killed(world):
-    a, b, wa, wb = await two_nodes(world)
+    a, b, wa, wb = await world.two_nodes()
     real = a.backend.pid(a.wg)
     # point the record at a process that is not wireguard-go (ourselves)
     with open(a.backend._pidfile(a.wg), "w") as f:
@@ -110,7 +91,7 @@ async def test_stale_pidfile_of_another_process_is_not_adopted_or_killed(world):
 
 
 async def test_peer_update_is_minimal_and_moves_allowed_ips(world):
-    a, b, wa, wb = await two_nodes(world)
+    a, b, wa, wb = await world.two_nodes()
     extra = "10.1.3.0/24"
     desired = world.desired_peers(a)
     moved = [type(p).make(p.public_key, [*p.allowed_ips, extra], p.endpoint) for p in desired]
@@ -176,3 +157,27 @@ def test_select_backend_falls_back_to_userspace(tmp_path):
     assert isinstance(select_backend(str(tmp_path), prefer="userspace"), UserspaceBackend)
     with pytest.raises(RuntimeError, match="not available"):
         select_backend(str(tmp_path), prefer="kernel")
+
+
+@pytest.mark.etcd
+async def test_dataplane_work_beside_a_live_etcd_watch(world, store):
+    """Nothing here forks beside aetcd's gRPC threads (design 5b): the watch keeps delivering."""
+    seen = []
+
+    async def watch():
+        async for ev in store.watch("/zmesh/dptest/", prefix=True):
+            seen.append(ev.key)
+            if len(seen) == 2:
+                return
+
+    task = asyncio.create_task(watch())
+    try:
+        await asyncio.sleep(0.2)
+        await store.put("/zmesh/dptest/before", b"1")
+        a, b, wa, wb = await world.two_nodes()
+        assert await ping(wa.netns, wb.address.ip)
+        await store.put("/zmesh/dptest/after", b"2")
+        await asyncio.wait_for(task, 10)
+        assert seen == ["/zmesh/dptest/before", "/zmesh/dptest/after"]
+    finally:
+        task.cancel()

@@ -83,20 +83,23 @@ class UserspaceBackend(WireGuardBackend):
     def _pidfile(self, ifname: str) -> str:
         return os.path.join(self.pid_dir, f"{ifname}.pid")
 
+    def _record(self, ifname: str) -> tuple[int, str] | None:
+        try:
+            with open(self._pidfile(ifname)) as f:
+                pid_s, start = f.read().split()
+            return int(pid_s), start
+        except (FileNotFoundError, ValueError):
+            return None
+
     def pid(self, ifname: str) -> int | None:
         """The recorded PID if that process is still our wireguard-go for `ifname`, else None."""
         child = self._children.get(ifname)
         if child is not None and child.poll() is not None:
             self._children.pop(ifname, None)  # reaped
-        try:
-            with open(self._pidfile(ifname)) as f:
-                pid_s, start = f.read().split()
-            pid = int(pid_s)
-        except (FileNotFoundError, ValueError):
+        rec = self._record(ifname)
+        if rec is None or _proc_start_time(rec[0]) != rec[1] or not _is_wireguard_go(rec[0], ifname):
             return None
-        if _proc_start_time(pid) != start or not _is_wireguard_go(pid, ifname):
-            return None
-        return pid
+        return rec[0]
 
     def owned_devices(self) -> list[str]:
         try:
@@ -193,24 +196,28 @@ class UserspaceBackend(WireGuardBackend):
         removed = False
         pid = self.pid(ifname)
         if pid is not None:
-            start = _proc_start_time(pid)
             self._kill(pid)
+            removed = True
+        rec = self._record(ifname)
+        if rec is not None:
+            # wait until the recorded process is gone or a zombie (its fds, and so its socket,
+            # are closed then); a dying process has an empty cmdline but still holds the socket
             deadline = time.monotonic() + 3.0
-            while _proc_start_time(pid) == start and start is not None:
+            while _proc_start_time(rec[0]) == rec[1]:
                 child = self._children.get(ifname)
                 if child is not None and child.poll() is not None:
                     break
                 if time.monotonic() > deadline:
-                    self._kill(pid, signal.SIGKILL)
+                    if self.pid(ifname) is not None:
+                        self._kill(rec[0], signal.SIGKILL)
                     deadline += 3.0
                 await asyncio.sleep(0.005)
-            removed = True
         child = self._children.pop(ifname, None)
         if child is not None:
             child.poll()
         sock = uapi.socket_path(ifname)
-        if os.path.exists(sock) and not await self._socket_answers(sock):
-            os.unlink(sock)  # stale: nobody listens (a live one may belong to someone else)
+        if os.path.exists(sock) and not await self._socket_answers(ifname):
+            os.unlink(sock)  # stale: nobody answers (a live one may belong to someone else)
             removed = True
         try:
             os.unlink(self._pidfile(ifname))
@@ -219,12 +226,11 @@ class UserspaceBackend(WireGuardBackend):
         return removed
 
     @staticmethod
-    async def _socket_answers(path: str) -> bool:
+    async def _socket_answers(ifname: str) -> bool:
         try:
-            _, w = await asyncio.open_unix_connection(path)
-        except OSError:
+            await uapi.request(ifname, "get=1\n", timeout=1.0)
+        except WireGuardError:
             return False
-        w.close()
         return True
 
     async def delete_device(self, ifname: str, netns: str) -> bool:
