@@ -487,3 +487,14 @@ def test_malformed_values_in_etcd_are_reported(raw, fragment):
         parse_json_value(raw, "/zmesh/v1/networks/x")
     assert fragment in str(e.value)
     assert str(e.value).startswith("/zmesh/v1/networks/x")
+
+
+def test_the_example_manifest_is_valid():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "examples" / "network.yaml").read_text()
+    objs = [parse_object(d.data, d.where) for d in split_documents(text, "examples/network.yaml")]
+    net, workloads = objs[0], objs[1:]
+    assert isinstance(net, Network) and len(net.spec.nodes) == 3
+    assert sorted(w.spec.node for w in workloads) == net.spec.nodes
+    assert all(workload_problems(w, net, workloads) == [] for w in workloads)
