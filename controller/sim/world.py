@@ -154,7 +154,7 @@ class World:
         netns = f"{self.id}-n{index}"
         node = SimNode(
             node_id=node_id, index=index, netns=netns,
-            name_prefix=f"{self.id}{index}-" if index < 10 else f"{self.id}{index}",
+            name_prefix=f"{self.id}{index}-",
             state_dir=self.workdir / node_id,
             ipv4=(PUBLIC_V4.network_address + 10 + index) if ipv4 else None,
             # Written so that node K reads as ...::1K, like its IPv4 address 198.51.100.1K.

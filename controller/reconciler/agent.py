@@ -1,0 +1,194 @@
+"""The node agent (`zmesh agent`, `zmeshd`): wires the store, the node-scoped watch, the work
+queue, the reconciler and the HTTP surface, and runs them until SIGTERM/SIGINT.
+
+On exit it leaves the dataplane up (the NRs and their wireguard-go processes keep forwarding)
+and keeps its liveness lease until it expires, so a quick restart is invisible to other nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from importlib.metadata import PackageNotFoundError, version
+
+from controller.dataplane.links import Links
+from controller.dataplane.wireguard import select_backend
+from controller.dataplane.wireguard.base import KeyStore
+from controller.http.metrics import AgentMetrics
+from controller.http.server import HttpServer, Readiness
+from controller.models.resources import Metadata, Node, NodeSpec
+from controller.planner import names
+from controller.planner.plan import NodeContext
+from controller.store.client import EtcdStore
+
+from .config import AgentConfig
+from .queue import WorkQueue
+from .reconcile import Reconciler
+from .scope import NodeScope
+from .state import LocalState
+
+log = logging.getLogger("zmesh.agent")
+
+LEASE_TTL = 10  # seconds a node stays "alive" after its agent stops refreshing
+
+
+def package_version() -> str:
+    try:
+        return version("zero-mesh")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+class Agent:
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        names.check_prefix(config.name_prefix)
+        self.metrics = AgentMetrics(config.node_id, package_version())
+        self.readiness = Readiness(["etcd", "reconciled"])
+        self.queue: WorkQueue[str] = WorkQueue(name=f"agent-{config.node_id}")
+        self.metrics.observe_queue(lambda: len(self.queue))
+        self.store = EtcdStore(config.etcd, config.prefix, timeout=config.etcd_timeout)
+        self.scope = NodeScope(self.store, config.node_id, self.queue.add)
+        self.state = LocalState(config.state_dir)
+        self.links = Links()
+        self.wireguard = select_backend(str(config.state_dir), config.host_netns, self.links)
+        self.http = HttpServer(self.metrics.registry, self.readiness, config.metrics_host, config.metrics_port)
+        self.reconciler: Reconciler | None = None
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    async def underlay_mtu(self) -> int:
+        """The MTU of the host namespace's uplink: the link holding our public address, else the
+        one carrying the default route, else 1500."""
+        st = await self.links.observe(self.config.host_netns or "/proc/self/ns/net", sysctls=False)
+        if st is None:
+            return 1500
+        endpoints = {str(a) for a in self.config.public_endpoints}
+        for link in st.links.values():
+            if any(str(a.ip) in endpoints for a in link.addresses):
+                return link.mtu
+        for route in st.routes:
+            if route.dst.prefixlen == 0 and route.oif is not None:
+                for link in st.links.values():
+                    if link.index == route.oif:
+                        return link.mtu
+        return 1500
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        cfg = self.config
+        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        port = await self.http.start()
+        log.info("node %s: metrics on %s:%d, WireGuard backend %s, host netns %s",
+                 cfg.node_id, cfg.metrics_host, port, self.wireguard.kind, cfg.host_netns or "(own)")
+        ctx = NodeContext(node_id=cfg.node_id, name_prefix=cfg.name_prefix,
+                          endpoints=tuple(cfg.public_endpoints), underlay_mtu=await self.underlay_mtu())
+        self.reconciler = Reconciler(
+            ctx=ctx, store=self.store, scope=self.scope, links=self.links, wireguard=self.wireguard,
+            keys=KeyStore(str(cfg.state_dir)), state=self.state, port_range=cfg.listen_port_range,
+            metrics=self.metrics)
+        registration = None
+        try:
+            await self.scope.start()
+            self._spawn(self.queue.run(self._work), "workqueue")
+            self._spawn(self._resync_loop(), "resync")
+            self._spawn(self._readiness_loop(), "readiness")
+            registration = await self._register()
+            await self._stopping.wait()
+        finally:
+            log.info("node %s: stopping (dataplane stays up)", cfg.node_id)
+            self.queue.shutdown()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if registration is not None:
+                await registration.stop(revoke=False)
+            await self.scope.stop()
+            await self.store.close()
+            await self.wireguard.close()
+            self.links.close()
+            await self.http.stop()
+
+    async def _register(self):
+        """Register the node; retried until etcd answers (the agent is useful before that:
+        its existing NRs keep forwarding and are repaired from the last known state)."""
+        cfg = self.config
+        node = Node(metadata=Metadata(name=cfg.node_id), spec=NodeSpec(
+            endpoints=list(cfg.public_endpoints), listenPortRange=cfg.listen_port_range,
+            version=package_version(), capabilities=[f"wireguard-{self.wireguard.kind}"]))
+        delay = 0.2
+        while True:
+            try:
+                return await self.store.register_node(node, ttl=LEASE_TTL)
+            except Exception as e:  # StoreUnavailable and friends: keep trying
+                log.warning("cannot register node %s yet: %s", cfg.node_id, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _spawn(self, coro, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+
+        def done(t: asyncio.Task) -> None:
+            if not t.cancelled() and t.exception() is not None:
+                log.error("task %s crashed: %r; stopping the agent", name, t.exception(),
+                          exc_info=t.exception())
+                self.stop()
+
+        task.add_done_callback(done)
+        self._tasks.append(task)
+
+    async def _work(self, network: str) -> float | None:
+        return await self.reconciler.reconcile(network)
+
+    def _all_networks(self) -> set[str]:
+        """Networks the index names plus those we still have NRs for (to remove them)."""
+        return self.scope.network_names() | set(self.state.networks)
+
+    async def _resync_loop(self) -> None:
+        """Level-triggered safety net: look at every network again every resync interval."""
+        await self._wait_synced()
+        while True:
+            for network in sorted(self._all_networks()):
+                self.queue.add(network)
+            await asyncio.sleep(self.config.resync_interval)
+
+    async def _wait_synced(self) -> None:
+        while not self.scope.index_synced:
+            await asyncio.sleep(0.05)
+
+    async def _readiness_loop(self) -> None:
+        """Ready once the node's view of etcd is listed and the first pass over every network has
+        drained the queue; the etcd gate closes again while the watch is re-listing."""
+        reconciled = False
+        relists = 0
+        while True:
+            synced = self.scope.index_synced
+            (self.readiness.open if synced else self.readiness.close)("etcd")
+            if not reconciled and synced and not len(self.queue) and not self.queue.processing:
+                reconciled = True
+                self.readiness.open("reconciled")
+            now = self.scope.relists()
+            if now > relists:
+                self.metrics.etcd_watch_restarts.inc(now - relists)
+                relists = now
+            await asyncio.sleep(0.2)
+
+
+async def run_agent_async(config: AgentConfig) -> int:
+    agent = Agent(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, agent.stop)
+    await agent.run()
+    return 0
+
+
+def run_agent(config: AgentConfig) -> int:
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(run_agent_async(config))

@@ -1,0 +1,53 @@
+"""Remove everything a node's agent made, from its state dir alone (no etcd needed): every NR
+namespace it recorded, every wireguard-go process it started (killed by recorded, verified PID),
+their sockets and the private keys. For decommissioning a node and for test/demo teardown."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from controller.dataplane.links import Links
+from controller.dataplane.netns import delete_netns, netns_exists
+from controller.dataplane.wireguard.base import KeyStore
+from controller.dataplane.wireguard.userspace import UserspaceBackend
+from controller.planner import names
+
+from .state import LocalState
+
+log = logging.getLogger(__name__)
+
+
+async def purge_node(*, state_dir: Path | str, name_prefix: str) -> list[str]:
+    """Returns what was removed (for messages)."""
+    state_dir = Path(state_dir)
+    removed: list[str] = []
+    if not state_dir.exists():
+        return removed
+    state = LocalState(state_dir)
+    links = Links()
+    wg = UserspaceBackend(str(state_dir), None, links)
+    keys = KeyStore(str(state_dir))
+    try:
+        networks = set(state.networks)
+        devices = set(wg.owned_devices())
+        for network in sorted(networks):
+            ifname = names.wg_ifname(name_prefix, network)
+            netns = names.nr_netns(name_prefix, network)
+            if await wg.delete_device(ifname, netns):
+                removed.append(f"wireguard-go {ifname}")
+            devices.discard(ifname)
+            if netns_exists(netns) and await delete_netns(netns):
+                removed.append(f"netns {netns}")
+            keys.remove(ifname)
+            state.forget(network)
+        for ifname in sorted(devices):  # started but never recorded as an NR (crash in between)
+            if await wg.delete_device(ifname, ""):
+                removed.append(f"wireguard-go {ifname}")
+            keys.remove(ifname)
+    finally:
+        await wg.close()
+        links.close()
+    for item in removed:
+        log.info("purged %s", item)
+    return removed

@@ -1,0 +1,309 @@
+"""Reconcile one network on this node: observe -> plan (pure) -> apply the difference -> status.
+
+Level-triggered: the key is only a network name; every run reads the whole desired state from
+the NodeScope cache and the whole observed state from the kernel. A converged NR costs reads only
+(no kernel write, no etcd write), which `Reconciler.writes` and the metrics make visible.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from controller.dataplane.links import Links, VethAttachment
+from controller.dataplane.netns import netns_exists
+from controller.dataplane.wireguard.base import DesiredPeer as WgPeer
+from controller.dataplane.wireguard.base import KeyStore, WireGuardBackend, WireGuardError
+from controller.http.metrics import AgentMetrics
+from controller.models.resources import (
+    Condition,
+    Network,
+    PortRange,
+    ResourceStatus,
+    WorkloadStatus,
+    set_condition,
+)
+from controller.planner import names
+from controller.planner.allocation import PortsExhausted, allocate_listen_port, allocate_workload_ips
+from controller.planner.plan import DesiredNR, LocalFacts, NodeContext, plan_network
+from controller.store.client import EtcdStore
+
+from .scope import NodeScope
+from .state import LocalState
+
+log = logging.getLogger(__name__)
+
+# How soon to look again when something outside etcd must appear first (a workload's namespace
+# that its container runtime has not created yet); etcd changes need no polling: they are watched.
+WAIT_FOR_NETNS = 2.0
+WAIT_FOR_CACHE = 0.2
+
+
+@dataclass
+class Outcome:
+    result: str  # converged | changed | pending | invalid | removed | waiting
+    requeue_after: float | None = None
+
+
+class Reconciler:
+    def __init__(self, *, ctx: NodeContext, store: EtcdStore, scope: NodeScope, links: Links,
+                 wireguard: WireGuardBackend, keys: KeyStore, state: LocalState,
+                 port_range: PortRange, metrics: AgentMetrics):
+        self.ctx = ctx
+        self.store = store
+        self.scope = scope
+        self.links = links
+        self.wg = wireguard
+        self.keys = keys
+        self.state = state
+        self.port_range = port_range
+        self.metrics = metrics
+        self.etcd_writes = 0
+        self.wg_writes = 0
+        self._published_workloads: dict[str, bytes] = {}
+
+    @property
+    def writes(self) -> int:
+        """Kernel + WireGuard + etcd writes so far: unchanged across a converged resync."""
+        return self.links.writes + self.wg_writes + self.etcd_writes
+
+    # --- entry point -----------------------------------------------------------------------
+
+    async def reconcile(self, network: str) -> float | None:
+        started = time.perf_counter()
+        before = self.writes
+        try:
+            outcome = await self._reconcile(network)
+        except Exception:
+            self.metrics.reconcile.labels(network=network, result="error").inc()
+            self.metrics.reconcile_errors.labels(network=network).inc()
+            raise
+        finally:
+            self.metrics.reconcile_duration.labels(network=network).observe(time.perf_counter() - started)
+        result = outcome.result
+        if result == "converged" and self.writes != before:
+            result = "changed"
+        self.metrics.reconcile.labels(network=network, result=result).inc()
+        self.metrics.network_resources.set(len(self.state.networks))
+        if result == "removed":
+            self.metrics.forget_network(network)
+        return outcome.requeue_after
+
+    async def _reconcile(self, name: str) -> Outcome:
+        if not self.scope.known(name):
+            return Outcome("waiting", WAIT_FOR_CACHE)
+        network, error = self.scope.network(name)
+        if error is not None:
+            # Bad input never hurts good input: the NR (if any) stays exactly as it was.
+            await self._publish_invalid(name, error)
+            return Outcome("invalid")
+        if network is None or network.spec.resource_for(self.ctx.node_id) is None:
+            await self.teardown(name)
+            return Outcome("removed")
+        return await self._converge(network)
+
+    # --- converge --------------------------------------------------------------------------
+
+    async def _converge(self, network: Network) -> Outcome:
+        name = network.name
+        own = network.spec.resource_for(self.ctx.node_id)
+        record = self.state.networks.get(name)
+        try:
+            port = allocate_listen_port(self.port_range, self.state.ports(), name)
+        except PortsExhausted as e:
+            await self._publish(network, None, None, [("Ready", "False", "PortsExhausted", str(e))])
+            return Outcome("invalid")
+        workloads, broken = self.scope.workloads_of(name)
+        for wname, problem in broken.items():
+            log.warning("workload %s has a malformed spec, not attached: %s", wname, problem)
+        previous = record.workloads if record else {}
+        allocations, ip_problems = allocate_workload_ips(own.subnet, workloads, previous)
+        # Recorded before anything is created: ownership survives a crash at any later point.
+        self.state.record(name, port, allocations)
+
+        wg_ifname = names.wg_ifname(self.ctx.name_prefix, name)
+        private_key, public_key = self.keys.load_or_create(wg_ifname)
+        desired = plan_network(self.ctx, network, self.scope.statuses(name), None, workloads,
+                               LocalFacts(public_key, port), allocations)
+        await self._apply_nr(desired, private_key)
+        attach_problems = await self._apply_workloads(desired)
+
+        problems = [i.message for i in desired.issues]
+        problems += [f"workload {w!r}: {p}" for w, p in sorted({**ip_problems, **attach_problems}.items())]
+        conditions = [("Ready", "True", "Converged", "network resource is up")]
+        if problems:
+            reason = desired.issues[0].reason if desired.issues else "WorkloadProblem"
+            conditions.append(("Degraded", "True", reason, "; ".join(problems)))
+        else:
+            conditions.append(("Degraded", "False", "AsDesired", ""))
+        await self._publish(network, public_key, port, conditions)
+        await self._publish_workloads(network, workloads, allocations, {**ip_problems, **attach_problems})
+        await self._forget_stale_workload_statuses(name, {w.name for w in workloads})
+        self.metrics.wireguard_peers.labels(network=name).set(len(desired.peers))
+        if attach_problems:
+            return Outcome("pending", WAIT_FOR_NETNS)
+        return Outcome("pending" if problems else "converged")
+
+    async def _apply_nr(self, desired: DesiredNR, private_key: str) -> None:
+        writes = self.links.writes
+        nr_existed = netns_exists(desired.netns)
+        await self.links.ensure_nr(desired.netns)
+        await self.links.ensure_bridge(desired.netns, desired.bridge, desired.gateway, mtu=desired.mtu)
+        if await self.wg.ensure_device(desired.wg_ifname, desired.netns):
+            self.wg_writes += 1
+            if nr_existed:  # the NR was there but its WireGuard device was not: a repair
+                log.warning("network %s: WireGuard device %s was gone; restarted it",
+                            desired.network, desired.wg_ifname)
+                self.metrics.wireguard_restarts.inc()
+        await self.links.ensure_link(desired.netns, desired.wg_ifname, mtu=desired.mtu, up=True)
+        peers = [WgPeer.make(p.public_key, p.allowed_ips, p.endpoint, p.persistent_keepalive or 0)
+                 for p in desired.peers]
+        try:
+            observed = await self.wg.get(desired.wg_ifname, desired.netns)
+        except WireGuardError:
+            observed = None
+        ops = await self.wg.configure(desired.wg_ifname, desired.netns, private_key,
+                                      desired.listen_port, peers, observed=observed)
+        if ops:
+            self.wg_writes += 1
+            self.metrics.dataplane_writes.labels(kind="wireguard").inc()
+            observed = await self.wg.get(desired.wg_ifname, desired.netns)
+        if observed is not None:
+            rx = sum(p.rx_bytes for p in observed.peers.values())
+            tx = sum(p.tx_bytes for p in observed.peers.values())
+            self.metrics.set_wireguard_traffic(desired.network, rx, tx)
+        await self.links.ensure_routes(desired.netns, desired.wg_ifname, desired.routes)
+        if self.links.writes != writes:
+            self.metrics.dataplane_writes.labels(kind="link").inc(self.links.writes - writes)
+
+    async def _apply_workloads(self, desired: DesiredNR) -> dict[str, str]:
+        """Attach every desired workload, detach every other veth of ours; per-workload problems
+        (e.g. its namespace does not exist yet) are returned, never fatal to the others."""
+        problems: dict[str, str] = {}
+        wanted = {a.veth for a in desired.workloads}
+        for a in desired.workloads:
+            if not netns_exists(a.netns):
+                problems[a.workload] = f"network namespace {a.netns} does not exist (yet)"
+                continue
+            try:
+                await self.links.ensure_workload(desired.netns, desired.bridge, VethAttachment(
+                    host_ifname=a.veth, netns=a.netns, ifname=a.interface, address=a.address,
+                    gateway=a.gateway, mtu=a.mtu))
+            except (OSError, RuntimeError) as e:
+                problems[a.workload] = str(e)
+        observed = await self.links.observe(desired.netns, sysctls=False)
+        for link in (observed.links.values() if observed else ()):
+            if link.name not in wanted and names.owns_workload_veth(self.ctx.name_prefix, link.name):
+                await self.links.remove_workload(desired.netns, link.name)
+        return problems
+
+    # --- teardown --------------------------------------------------------------------------
+
+    async def teardown(self, name: str) -> None:
+        """Remove everything this node made for `name`; only what the state record owns."""
+        record = self.state.networks.get(name)
+        netns = names.nr_netns(self.ctx.name_prefix, name)
+        wg_ifname = names.wg_ifname(self.ctx.name_prefix, name)
+        if record is None and wg_ifname not in self.wg.owned_devices():
+            return
+        await self.wg.delete_device(wg_ifname, netns)
+        if netns_exists(netns):
+            await self.links.delete_nr(netns)
+        self.keys.remove(wg_ifname)
+        for workload in (record.workloads if record else {}):
+            await self._delete_key(self.store.layout.workload_status(workload))
+            self._published_workloads.pop(workload, None)
+        await self._delete_key(self.store.layout.nr_status(name, self.ctx.node_id))
+        self.state.forget(name)
+        log.info("removed network resource %s", name)
+
+    async def _delete_key(self, key: str) -> None:
+        if await self.store.delete(key):
+            self.etcd_writes += 1
+
+    # --- status ----------------------------------------------------------------------------
+
+    async def _publish(self, network: Network, public_key: str | None, port: int | None,
+                       conditions: list[tuple[str, str, str, str]]) -> None:
+        current = self._own_status(network.name)
+        merged = list(current.conditions) if current else []
+        for ctype, status, reason, message in conditions:
+            merged = set_condition(merged, Condition(type=ctype, status=status, reason=reason,
+                                                     message=message))
+        own = network.spec.resource_for(self.ctx.node_id)
+        status = ResourceStatus(
+            network=network.name, node=self.ctx.node_id,
+            observedGeneration=network.metadata.generation or 0, conditions=merged,
+            publicKey=public_key if public_key else (current.publicKey if current else None),
+            listenPort=port if port else (current.listenPort if current else None),
+            endpoints=list(self.ctx.endpoints), subnet=own.subnet if own else None,
+        )
+        await self._put_status_if_changed(status, current)
+
+    async def _publish_invalid(self, name: str, error: str) -> None:
+        current = self._own_status(name)
+        if current is None and name not in self.state.networks:
+            # Not ours yet and not valid: still say why, so `zmesh describe` shows it.
+            current = ResourceStatus(network=name, node=self.ctx.node_id)
+        merged = set_condition(list(current.conditions), Condition(
+            type="Ready", status="False", reason="InvalidSpec", message=error))
+        status = current.model_copy(update={"conditions": merged})
+        await self._put_status_if_changed(status, self._own_status(name))
+
+    def _own_status(self, network: str) -> ResourceStatus | None:
+        raw = self.scope.own_status_raw(network)
+        if raw is None:
+            return None
+        try:
+            return ResourceStatus.model_validate_json(raw)
+        except ValueError:
+            return None
+
+    async def _put_status_if_changed(self, status: ResourceStatus, current: ResourceStatus | None) -> None:
+        if current is not None and current == status:
+            return
+        await self.store.put_status(status)
+        self.etcd_writes += 1
+
+    async def _publish_workloads(self, network: Network, workloads, allocations, problems) -> None:
+        for w in workloads:
+            problem = problems.get(w.name)
+            cond = Condition(type="Ready", status="False" if problem else "True",
+                             reason="AttachFailed" if problem else "Attached",
+                             message=problem or f"attached to network {network.name}")
+            key = self.store.layout.workload_status(w.name)
+            current = await self._current_workload_status(w.name, key)
+            merged = set_condition(list(current.conditions) if current else [], cond)
+            status = WorkloadStatus(workload=w.name, node=self.ctx.node_id,
+                                    observedGeneration=w.metadata.generation or 0,
+                                    conditions=merged, ip=allocations.get(w.name))
+            if current == status:
+                continue
+            await self.store.put_status(status)
+            self.etcd_writes += 1
+            self._published_workloads[w.name] = status.model_dump_json(exclude_none=True).encode()
+
+    async def _current_workload_status(self, name: str, key: str) -> WorkloadStatus | None:
+        raw = self._published_workloads.get(name)
+        if raw is None:
+            entry = await self.store.get(key)
+            raw = entry.value if entry else None
+            if raw is None:
+                return None
+            self._published_workloads[name] = raw
+        try:
+            return WorkloadStatus.model_validate_json(raw)
+        except ValueError:
+            return None
+
+    async def _forget_stale_workload_statuses(self, network: str, current: set[str]) -> None:
+        record = self.state.networks.get(network)
+        stale = set(record.workloads) - current if record else set()
+        for name in stale:
+            await self._delete_key(self.store.layout.workload_status(name))
+            self._published_workloads.pop(name, None)
+        if stale:
+            self.state.record(network, record.listen_port,
+                              {w: ip for w, ip in record.workloads.items() if w not in stale})
+

@@ -1,0 +1,86 @@
+"""The agent's local record of what it created, in its state dir (`state.json`, mode 0600).
+
+It is the agent's proof of ownership: garbage collection only removes NRs recorded here, and an
+NR is recorded *before* it is created, so a crash at any point leaves nothing the next start
+would not find. It also keeps what must survive restarts: each NR's listen port and the
+addresses allocated to workloads (so they never change under a running container).
+Private keys are not here: they live in `keys/` (see dataplane.wireguard.base.KeyStore).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NRRecord:
+    listen_port: int
+    # workload name -> address this node allocated or confirmed for it
+    workloads: dict[str, ipaddress.IPv4Address] = field(default_factory=dict)
+
+
+class LocalState:
+    FILE = "state.json"
+
+    def __init__(self, state_dir: Path | str):
+        self.dir = Path(state_dir)
+        self.path = self.dir / self.FILE
+        self.networks: dict[str, NRRecord] = {}
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            raw = json.loads(self.path.read_text())
+            self.networks = {
+                name: NRRecord(int(rec["listenPort"]),
+                               {w: ipaddress.IPv4Address(ip) for w, ip in rec.get("workloads", {}).items()})
+                for name, rec in raw.get("networks", {}).items()
+            }
+        except FileNotFoundError:
+            self.networks = {}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            # Never guess about ownership from a damaged record: keep it aside for an operator
+            # and start empty (the NRs it listed are then left alone, not deleted).
+            aside = self.path.with_suffix(".corrupt")
+            os.replace(self.path, aside)
+            log.error("state record %s is damaged (%s); moved to %s", self.path, e, aside)
+            self.networks = {}
+
+    def save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        data = {"networks": {
+            name: {"listenPort": rec.listen_port,
+                   "workloads": {w: str(ip) for w, ip in sorted(rec.workloads.items())}}
+            for name, rec in sorted(self.networks.items())
+        }}
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)  # atomic: a crash leaves the old or the new record
+
+    def ports(self) -> dict[str, int]:
+        return {name: rec.listen_port for name, rec in self.networks.items()}
+
+    def record(self, network: str, listen_port: int,
+               workloads: dict[str, ipaddress.IPv4Address] | None = None) -> None:
+        """Record (and persist) the NR; writes only when something changed."""
+        current = self.networks.get(network)
+        new = NRRecord(listen_port, dict(workloads if workloads is not None
+                                         else (current.workloads if current else {})))
+        if current != new:
+            self.networks[network] = new
+            self.save()
+
+    def forget(self, network: str) -> None:
+        if self.networks.pop(network, None) is not None:
+            self.save()
