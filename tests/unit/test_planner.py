@@ -294,3 +294,23 @@ def test_planner_imports_only_models_and_pure_stdlib():
                 top = module.split(".")[0]
                 assert module.startswith("controller.models") or top in allowed_stdlib, \
                     f"{source.name} imports {module}"
+
+
+# --- MTU: the overhead of the families the tunnels use ----------------------------------------
+
+def test_ipv4_only_tunnels_leave_1440_bytes_on_a_1500_underlay():
+    nr = plan("p2")  # p2 is IPv4-only: every tunnel runs over IPv4
+    assert nr.peers and all(p.endpoint is None or not p.endpoint.startswith("[") for p in nr.peers)
+    assert nr.mtu == 1440
+
+
+def test_one_ipv6_tunnel_lowers_the_mtu_to_1420():
+    nr = plan("p1")  # p1 reaches the IPv6-only p6 over IPv6
+    assert any(p.endpoint and p.endpoint.startswith("[") for p in nr.peers)
+    assert nr.mtu == 1420
+
+
+def test_hidden_nr_uses_the_family_of_its_aggregator_tunnel():
+    nr = plan("h1")
+    assert len(nr.peers) == 1 and not nr.peers[0].endpoint.startswith("[")
+    assert nr.mtu == 1440
