@@ -367,6 +367,11 @@ class EtcdStore:
                         last = f"{e.code().name}: {e.details()}"
                         await self._fail_over(client, last)
                         raise _Retry() from None
+                    except asyncio.CancelledError:
+                        if not _channel_closed_under_us():
+                            raise
+                        last = "channel closed by a failover in another task"
+                        raise _Retry() from None
                     except (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError) as e:
                         last = str(e)
                         await self._fail_over(client, last)
@@ -522,6 +527,10 @@ class EtcdStore:
                     resp = await call.read()
                 except grpc.aio.AioRpcError as e:
                     raise StoreUnavailable(f"watch on {key} broke: {e.code().name}: {e.details()}") from None
+                except asyncio.CancelledError:
+                    if not _channel_closed_under_us():
+                        raise
+                    raise StoreUnavailable(f"watch on {key} broke: the channel was closed by a failover") from None
                 if resp is grpc.aio.EOF:
                     raise StoreUnavailable(f"watch on {key} ended by the server")
         finally:
@@ -791,6 +800,14 @@ class NodeRegistration:
 
 class _Retry(Exception):
     pass
+
+
+def _channel_closed_under_us() -> bool:
+    """grpc.aio raises CancelledError in every call on a channel that is closed; when our own
+    task is not being cancelled, that was another task failing over (closing the shared
+    channel): a connection loss, not a cancellation."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
 
 
 class _RoundWait:
