@@ -456,6 +456,10 @@ def _guard(fn, args, endpoints_hint: str) -> int:
     except CliError as e:
         print(f"zmesh: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:
+        # `zmesh get ... | head`: the reader left; say nothing more (stdout is gone too).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("zmesh: interrupted", file=sys.stderr)
         return 130

@@ -85,7 +85,12 @@ class StoreView:
         return {s.node: s for s in await self._parsed(self.layout.nr_statuses(network), "NetworkResourceStatus")}
 
     async def network_views(self) -> list[NetworkView]:
-        return [NetworkView(n, await self.statuses(n.name)) for n in await self.networks()]
+        # One range over every NR status rather than one request per network.
+        by_network: dict[str, dict[str, ResourceStatus]] = {}
+        every_status = self.layout.nr_statuses("").rstrip("/") + "/"
+        for st in await self._parsed(every_status, "NetworkResourceStatus"):
+            by_network.setdefault(st.network, {})[st.node] = st
+        return [NetworkView(n, by_network.get(n.name, {})) for n in await self.networks()]
 
     async def network_view(self, name: str) -> NetworkView | None:
         net = next((n for n in await self.networks() if n.name == name), None)
