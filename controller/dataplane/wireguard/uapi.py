@@ -10,12 +10,16 @@ wireguard-go 0.0.20220316 has no `allowed_ip=-CIDR`: a changed set is sent with
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from ipaddress import ip_network
 
 from .base import DeviceOps, DeviceState, PeerState, WireGuardError, b64_to_hex, hex_to_b64, public_key
 
 SOCKET_DIR = "/var/run/wireguard"
+_LIMIT = 256 << 20  # a get=1 of 10,000 peers is a few MB
+# the same prefixes come back on every resync; ipaddress parsing is half the cost of a get
+_network = functools.lru_cache(maxsize=1 << 16)(ip_network)
 
 
 def socket_path(ifname: str) -> str:
@@ -74,7 +78,7 @@ def parse_get(text: str) -> DeviceState:
         elif key == "endpoint":
             cur["endpoint"] = val
         elif key == "allowed_ip":
-            cur["allowed_ips"].add(ip_network(val))
+            cur["allowed_ips"].add(_network(val))
         elif key == "persistent_keepalive_interval":
             cur["persistent_keepalive"] = int(val)
         elif key in ("rx_bytes", "tx_bytes"):
@@ -106,25 +110,27 @@ async def request(ifname: str, body: str, timeout: float = 5.0, path: str | None
     op = body.split("\n", 1)[0]
     try:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(path or socket_path(ifname)), timeout
+            asyncio.open_unix_connection(path or socket_path(ifname), limit=_LIMIT), timeout
         )
     except (OSError, asyncio.TimeoutError) as e:
         raise WireGuardError(f"wireguard {ifname}: UAPI socket not available ({e})") from e
     try:
         writer.write(body.encode() + b"\n")
         await writer.drain()
-        out: list[str] = []
-        while True:
-            raw = await asyncio.wait_for(reader.readline(), timeout)
-            if not raw:
-                raise WireGuardError(f"wireguard {ifname}: {op}: connection closed without errno")
-            line = raw.decode().rstrip("\n")
-            if line.startswith("errno="):
-                code = abs(int(line[6:]))  # wireguard-go answers negative values (errno=-22)
-                if code:
-                    raise UAPIError(ifname, op, code)
-                return "\n".join(out)
-            out.append(line)
+        # the whole answer ends with "errno=N" and an empty line: read it in one go
+        raw = await asyncio.wait_for(reader.readuntil(b"\n\n"), timeout)
+        text = raw.decode()
+        body_, _, last = text[:-2].rpartition("\n")
+        if not last.startswith("errno="):
+            raise WireGuardError(f"wireguard {ifname}: {op}: answer without errno")
+        code = abs(int(last[6:]))  # wireguard-go answers negative values (errno=-22)
+        if code:
+            raise UAPIError(ifname, op, code)
+        return body_
+    except asyncio.IncompleteReadError as e:
+        raise WireGuardError(f"wireguard {ifname}: {op}: connection closed without errno") from e
+    except asyncio.LimitOverrunError as e:
+        raise WireGuardError(f"wireguard {ifname}: {op}: answer too large") from e
     except (OSError, asyncio.TimeoutError) as e:  # the daemon died or hangs mid-request
         raise WireGuardError(f"wireguard {ifname}: {op}: {e or 'timed out'}") from e
     finally:
