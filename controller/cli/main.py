@@ -197,9 +197,10 @@ def connection(args: argparse.Namespace) -> tuple[list[str], str, float]:
 # --- reading manifests ----------------------------------------------------------------------
 
 
-def read_manifests(files: Sequence[str], stdin=None) -> tuple[list, list[str]]:
-    """Parse every document of every file: (objects, problems), each problem one line."""
-    objects, problems = [], []
+def read_manifests(files: Sequence[str], stdin=None) -> tuple[list, list[str], set[tuple[str, str]]]:
+    """Parse every document of every file: (objects, problems, broken), each problem one line;
+    `broken` holds (kind, name) of documents that name an object but are invalid."""
+    objects, problems, broken = [], [], set()
     for f in files:
         if f == "-":
             source, text = "<stdin>", (stdin or sys.stdin).read()
@@ -222,7 +223,19 @@ def read_manifests(files: Sequence[str], stdin=None) -> tuple[list, list[str]]:
                 objects.append(parse_object(d.data, d.where, APPLY_KINDS))
             except ManifestError as e:
                 problems += str(e).splitlines()
-    return objects, problems
+                ref = _kind_and_name(d.data)
+                if ref:
+                    broken.add(ref)
+    return objects, problems, broken
+
+
+def _kind_and_name(data: object) -> tuple[str, str] | None:
+    """(kind, metadata.name) of a decoded document, even an invalid one."""
+    if not isinstance(data, dict) or data.get("kind") not in APPLY_KINDS:
+        return None
+    meta = data.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    return (data["kind"], name) if isinstance(name, str) else None
 
 
 def _ref(obj) -> str:
@@ -230,9 +243,10 @@ def _ref(obj) -> str:
 
 
 def cross_problems(objects: list, networks: dict[str, Network], workloads: dict[str, Workload],
-                   registered: set[str]) -> list[str]:
+                   registered: set[str], broken: set[tuple[str, str]] = frozenset()) -> list[str]:
     """Rules between objects: the new ones against each other and against what etcd holds.
-    `networks`/`workloads` are the current contents of etcd by name."""
+    `networks`/`workloads` are the current contents of etcd by name; workloads of a network
+    whose new document is `broken` are not judged (its own problems are reported already)."""
     problems: list[str] = []
     seen: set[tuple[str, str]] = set()
     for o in objects:
@@ -249,6 +263,8 @@ def cross_problems(objects: list, networks: dict[str, Network], workloads: dict[
     for w in after_wls.values():
         if w.name not in new_wls and w.spec.network not in new_nets:
             continue
+        if ("Network", w.spec.network) in broken:
+            continue
         ps = workload_problems(w, after_nets.get(w.spec.network), after_wls.values())
         if w.name in new_wls:
             problems += [f"{_ref(w)}: {p}" for p in ps]
@@ -262,10 +278,10 @@ def cross_problems(objects: list, networks: dict[str, Network], workloads: dict[
 
 
 async def cmd_apply(args, store: StoreView) -> int:
-    objects, problems = read_manifests(args.filename)
+    objects, problems, broken = read_manifests(args.filename)
     networks, workloads = await store.networks(), await store.workloads()
     problems += cross_problems(objects, {n.name: n for n in networks}, {w.name: w for w in workloads},
-                               await store.registered_nodes())
+                               await store.registered_nodes(), broken)
     if problems:
         raise Problems(problems + [f"nothing applied: {len(problems)} problem(s)"])
     current = {("Network", n.name): n for n in networks} | {("Workload", w.name): w for w in workloads}
@@ -378,10 +394,9 @@ def _names_in_files(files: Sequence[str]) -> list[tuple[str, str]]:
             problems += str(e).splitlines()
             continue
         for d in docs:
-            data = d.data if isinstance(d.data, dict) else {}
-            meta = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
-            if data.get("kind") in APPLY_KINDS and isinstance(meta.get("name"), str):
-                out.append((data["kind"], meta["name"]))
+            ref = _kind_and_name(d.data)
+            if ref:
+                out.append(ref)
             else:
                 problems.append(f"{d.where}: no kind (Network or Workload) and metadata.name to delete")
     if problems:
@@ -445,34 +460,34 @@ def _dispatch(args) -> int:
     return asyncio.run(_run_store_command(args))
 
 
-def _guard(fn, args, endpoints_hint: str) -> int:
+def _guard(fn, args, endpoints_hint: str, prog: str = "zmesh") -> int:
     """Run a command; turn every error into one line on stderr and an exit code."""
     try:
         return fn(args)
     except Problems as e:
         for line in e.lines:
-            print(f"zmesh: {line}", file=sys.stderr)
+            print(f"{prog}: {line}", file=sys.stderr)
         return EXIT_ERROR
     except CliError as e:
-        print(f"zmesh: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:
         # `zmesh get ... | head`: the reader left; say nothing more (stdout is gone too).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("zmesh: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # the one place that keeps tracebacks away from users
         if os.environ.get("ZMESH_DEBUG"):
             raise
         reason = cannot_reach(e)
         if reason is not None:
-            print(f"zmesh: cannot reach etcd at {endpoints_hint} ({reason})", file=sys.stderr)
+            print(f"{prog}: cannot reach etcd at {endpoints_hint} ({reason})", file=sys.stderr)
         elif is_store_error(e):
-            print(f"zmesh: {' '.join(str(e).split())}", file=sys.stderr)
+            print(f"{prog}: {' '.join(str(e).split())}", file=sys.stderr)
         else:
-            print(f"zmesh: error: {type(e).__name__}: {' '.join(str(e).split()) or 'no details'}",
+            print(f"{prog}: error: {type(e).__name__}: {' '.join(str(e).split()) or 'no details'}",
                   file=sys.stderr)
         return EXIT_ERROR
 
@@ -493,7 +508,7 @@ def agent_main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="zmeshd", description="Zero-Mesh node agent.")
     add_agent_options(p)
     args = p.parse_args(argv)
-    return _guard(_run_agent, args, _endpoints_hint(args))
+    return _guard(_run_agent, args, _endpoints_hint(args), prog="zmeshd")
 
 
 if __name__ == "__main__":

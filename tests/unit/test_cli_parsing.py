@@ -171,7 +171,7 @@ def test_bad_agent_flags_are_one_clear_line(flag, value, message, capsys):
         agent_config(agent_args(*argv))
     assert agent_main(argv) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"zmesh: {message}") and err.count("\n") == 1
+    assert err.startswith(f"zmeshd: {message}") and err.count("\n") == 1
 
 
 def test_split_endpoints_ignores_blanks():
@@ -191,7 +191,7 @@ def write(tmp_path, name, docs) -> str:
 def test_read_manifests_from_files_and_stdin(tmp_path, monkeypatch):
     f = write(tmp_path, "a.yaml", [network_doc(), workload_doc()])
     monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(network_doc(name="red"))))
-    objs, problems = read_manifests([f, "-"])
+    objs, problems, _ = read_manifests([f, "-"])
     assert problems == []
     assert [(o.kind, o.name) for o in objs] == [("Network", "blue"), ("Workload", "web"), ("Network", "red")]
 
@@ -203,7 +203,7 @@ def test_read_manifests_reports_every_problem_with_its_place(tmp_path):
     (tmp_path / "empty.yaml").write_text("")
     node = write(tmp_path, "node.json", {"apiVersion": "zmesh.io/v1", "kind": "Node",
                                          "metadata": {"name": "n1"}, "spec": {}})
-    objs, problems = read_manifests([good, bad, str(tmp_path / "broken.json"), str(tmp_path / "empty.yaml"),
+    objs, problems, broken = read_manifests([good, bad, str(tmp_path / "broken.json"), str(tmp_path / "empty.yaml"),
                                      str(tmp_path / "missing.yaml"), node])
     assert [o.name for o in objs] == ["blue"]
     text = "\n".join(problems)
@@ -214,6 +214,7 @@ def test_read_manifests_reports_every_problem_with_its_place(tmp_path):
     assert f"{tmp_path}/missing.yaml: cannot read: No such file or directory" in text
     assert "kind 'Node' is not one of Network, Workload" in text
     assert all("\n" not in p for p in problems)
+    assert broken == {("Network", "Bad"), ("Workload", "web")}
 
 
 # --- cross-object rules ----------------------------------------------------------------------
@@ -264,6 +265,11 @@ def test_changing_a_network_must_not_break_workloads_already_in_etcd():
     shrunk = network_doc(resources=[{"node": "n1", "subnet": "10.1.1.0/24"}])
     assert cross_problems(objs(shrunk), {}, {"web": old_wl}, NODES) == [
         "network/blue: existing workload/web would become invalid: node 'n3' is not part of network 'blue'"]
+
+
+def test_workloads_of_an_invalid_network_document_are_not_judged_again():
+    # The network's own problems are reported; "network does not exist" would only confuse.
+    assert cross_problems(objs(workload_doc()), {}, {}, NODES, broken={("Network", "blue")}) == []
 
 
 def test_the_same_object_twice_in_one_input_is_rejected():
