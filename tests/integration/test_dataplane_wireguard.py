@@ -181,3 +181,20 @@ async def test_dataplane_work_beside_a_live_etcd_watch(world, store):
         assert seen == ["/zmesh/dptest/before", "/zmesh/dptest/after"]
     finally:
         task.cancel()
+
+
+async def test_deleting_the_nr_ends_its_wireguard_go(world):
+    a_ns, _ = await world.build_underlay()
+    a = await world.node(a_ns, "a", "198.51.100.1/24", "10.1.1.0/24")
+    await world.links.ensure_nr(a.nr_ns)
+    await a.backend.ensure_device(a.wg, a.nr_ns)
+    pid = a.backend.pid(a.wg)
+    world.pids.add(pid)
+    await world.links.delete_nr(a.nr_ns)  # the TUN dies with the namespace; wireguard-go exits
+    for _ in range(300):
+        if a.backend.pid(a.wg) is None:
+            break
+        await asyncio.sleep(0.01)
+    assert a.backend.pid(a.wg) is None
+    await a.backend.delete_device(a.wg, a.nr_ns)  # forgets the record
+    assert a.backend.owned_devices() == [] and not os.path.exists(uapi.socket_path(a.wg))
