@@ -48,7 +48,7 @@ class Cli:
         return r.stdout
 
     def put(self, key: str, value: str) -> None:
-        self.etcdctl("put", key, "--", value) if value.startswith("-") else self.etcdctl("put", key, value)
+        self.etcdctl("put", key, "--", value)  # "--": a value may start with "-"
 
     def keys(self) -> list[str]:
         return self.etcdctl("get", "--prefix", "--keys-only", self.prefix).split()

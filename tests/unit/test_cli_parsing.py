@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import ipaddress
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,6 +97,16 @@ def test_zmeshd_help(capsys):
     for flag in ["--node-id", "--etcd", "--host-netns", "--name-prefix", "--state-dir", "--public-endpoint",
                  "--listen-port-range", "--resync-interval", "--metrics-addr", "--log-level"]:
         assert flag in out
+
+
+@pytest.mark.parametrize("argv", [
+    [sys.executable, "-m", "controller.cli.main", "agent", "--help"],  # how the simulator starts agents
+    [str(Path(sys.executable).with_name("zmeshd")), "--help"],
+    [str(Path(sys.executable).with_name("zmesh")), "--help"],
+])
+def test_the_entry_points_run(argv):
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "usage:" in r.stdout and r.stderr == ""
 
 
 def test_usage_errors_exit_2(capsys):
