@@ -15,13 +15,14 @@ import random
 from typing import Any, Callable
 
 from .client import KV, Compacted, EtcdStore, StoreError
+from .service import Service
 
 log = logging.getLogger(__name__)
 
 OnChange = Callable[[str], Any]  # may return an awaitable
 
 
-class WatchCache:
+class WatchCache(Service):
     """`items`: key -> KV(value, mod_revision). `synced` is set while `items` reflects a
     list+watch session (cleared while re-listing after a break). `on_change(key)` is called,
     in revision order, for every key that changed; sync or async, a failing callback is logged.
@@ -42,25 +43,13 @@ class WatchCache:
         self.revision = 0  # the store revision `items` reflects
         self.synced = asyncio.Event()
         self.relists = 0  # how many times the cache re-listed after a break
-        self._task: asyncio.Task | None = None
 
-    async def start(self) -> "WatchCache":
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"watchcache {self.key}")
-        return self
+    def __repr__(self) -> str:
+        return f"WatchCache({self.key!r}, prefix={self.prefix})"
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await super().stop()
         self.synced.clear()
-
-    async def __aenter__(self) -> "WatchCache":
-        return await self.start()
-
-    async def __aexit__(self, *exc) -> None:
-        await self.stop()
 
     async def wait_synced(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self.synced.wait(), timeout)

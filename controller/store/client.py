@@ -658,7 +658,7 @@ class EtcdStore:
                 return None if current is None else self.decode_spec(kind, current)
             if (new.kind, new.name) != (kind, name):
                 raise ValueError(f"{kind}/{name}: the new object is {new.kind}/{new.name}")
-            old_index = self.index_keys(kind, name, lenient_nodes(kind, current.value)) if current else set()
+            old_index = self.index_keys(kind, name, lenient_nodes(kind, current.value) or ()) if current else set()
             new_index = self.index_keys(kind, name, spec_nodes(new))
             # Every entry is re-put: self-healing for entries lost or never written (specs written
             # by hand); values are empty so this is cheap.
@@ -683,7 +683,7 @@ class EtcdStore:
             if current is None:
                 return False
             ops: list[Op] = [Delete(key)]
-            ops += [Delete(k) for k in sorted(self.index_keys(kind, name, lenient_nodes(kind, current.value)))]
+            ops += [Delete(k) for k in sorted(self.index_keys(kind, name, lenient_nodes(kind, current.value) or ()))]
             res = await self._txn_checked([mod_revision_is(key, current.mod_revision)], ops, f"delete {kind}/{name}")
             if res.succeeded:
                 return True
@@ -836,9 +836,10 @@ def spec_nodes(obj: Network | Workload) -> list[str]:
     return [obj.spec.node]
 
 
-def lenient_nodes(kind: str, raw: bytes) -> list[str]:
+def lenient_nodes(kind: str, raw: bytes) -> list[str] | None:
     """The nodes a stored spec refers to, even when it is not a valid object (so its index
-    entries can still be found and removed). Empty if the value cannot be read at all."""
+    entries can still be found). None when the value has no readable structure at all: then
+    nobody can tell which nodes it meant, and existing entries are best left alone."""
     try:
         text = raw.decode()
         try:
@@ -850,8 +851,8 @@ def lenient_nodes(kind: str, raw: bytes) -> list[str]:
             nodes = [r.get("node") for r in spec.get("resources") or [] if isinstance(r, dict)]
         else:
             nodes = [spec.get("node")]
-    except Exception:  # any shape of garbage: nothing to index
-        return []
+    except Exception:  # any shape of garbage
+        return None
     return [n for n in nodes if isinstance(n, str) and n and "/" not in n]
 
 

@@ -72,3 +72,22 @@ class Layout:
 
     def leader(self, role: str) -> str:
         return f"{self.root}leader/{role}"
+
+    def parse_index_key(self, key: str) -> tuple[str, str, str] | None:
+        """(node, kind, name) of a node-index key, or None if `key` is not one."""
+        rest = key.removeprefix(f"{self.root}index/nodes/")
+        if rest == key:
+            return None
+        parts = rest.split("/")
+        if len(parts) != 3 or not all(parts):
+            return None
+        kind = {"networks": "Network", "workloads": "Workload"}.get(parts[1])
+        return (parts[0], kind, parts[2]) if kind else None
+
+    def parse_spec_key(self, key: str) -> tuple[str, str] | None:
+        """(kind, name) of a spec key, or None if `key` is not one."""
+        for kind, prefix in (("Network", self.networks()), ("Workload", self.workloads())):
+            name = key.removeprefix(prefix)
+            if name != key and name and "/" not in name:
+                return kind, name
+        return None

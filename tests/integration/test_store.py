@@ -7,12 +7,12 @@ import json
 
 import pytest
 import yaml
+from store_objects import network, wide_network, workload
 
 from controller.models.manifest import ManifestError, to_json
-from controller.models.resources import Network, Node, ResourceStatus, Workload, WorkloadStatus
+from controller.models.resources import Node, ResourceStatus, WorkloadStatus
 from controller.sim.etcd import free_port
 from controller.store.client import (
-    Delete,
     EtcdStore,
     Get,
     Put,
@@ -23,24 +23,6 @@ from controller.store.client import (
 )
 
 pytestmark = pytest.mark.etcd
-
-
-def network(name="net1", nodes=("node-a", "node-b"), **spec) -> Network:
-    return Network.model_validate({
-        "metadata": {"name": name},
-        "spec": {
-            "ipRange": "10.1.0.0/16",
-            "resources": [{"node": n, "subnet": f"10.1.{i + 1}.0/24"} for i, n in enumerate(nodes)],
-            **spec,
-        },
-    })
-
-
-def workload(name="w1", node="node-a", net="net1") -> Workload:
-    return Workload.model_validate({
-        "metadata": {"name": name},
-        "spec": {"network": net, "node": node, "netns": f"ns-{name}"},
-    })
 
 
 async def keys(store, prefix) -> list[str]:
@@ -250,14 +232,6 @@ async def test_nodes_and_statuses(store):
         await reg.stop()
     assert await store.alive_nodes() == set()
     assert [n.name for n in await store.list_nodes()] == ["node-a"]  # the record persists
-
-
-def wide_network(name: str, n: int) -> Network:
-    return Network.model_validate({
-        "metadata": {"name": name},
-        "spec": {"ipRange": "10.0.0.0/8",
-                 "resources": [{"node": f"n{i}", "subnet": f"10.{i}.0.0/24"} for i in range(n)]},
-    })
 
 
 async def test_many_index_entries_fit_in_one_transaction(store):
