@@ -1,0 +1,147 @@
+"""End-to-end helpers: a real etcd, a simulated world of node namespaces, one real agent process
+per node, real wireguard-go. Everything is torn down by World.close(), also when a test fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+
+from controller.dataplane.wireguard import uapi
+from controller.planner import names
+from controller.sim.world import World, netns_exec
+
+ZMESH = [sys.executable, "-m", "controller.cli.main"]
+RESYNC = 1.5  # seconds: short, so "repaired within one resync" is quick to observe
+
+
+def wait_until(predicate, timeout: float = 20.0, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Mesh:
+    """A World plus the operations the tests speak in: apply manifests, ping, look inside."""
+
+    def __init__(self, world: World, etcd):
+        self.world = world
+        self.etcd = etcd
+
+    def zmesh(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        res = subprocess.run(ZMESH + ["--etcd", ",".join(self.etcd.endpoints), *args],
+                             input=input, capture_output=True, text=True, timeout=60)
+        if check and res.returncode != 0:
+            raise AssertionError(f"zmesh {' '.join(args)} failed: {res.stderr.strip()}")
+        return res
+
+    def apply(self, manifest: str) -> str:
+        return self.zmesh("apply", "-f", "-", input=manifest).stdout
+
+    def etcdctl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(["etcdctl", "--endpoints", self.etcd.endpoints[0], *args], input=input,
+                              capture_output=True, text=True, timeout=30,
+                              env={**os.environ, "ETCDCTL_API": "3"}, check=True)
+
+    # --- nodes and workloads --------------------------------------------------------------
+
+    def start(self, *node_ids: str, ipv4: bool = True, ipv6: bool = True) -> None:
+        for node_id in node_ids:
+            self.world.add_node(node_id, ipv4=ipv4, ipv6=ipv6)
+            self.world.start_agent(node_id)
+        for node_id in node_ids:
+            wait_until(lambda: self.ready(node_id), 30, what=f"agent {node_id} ready")
+
+    def ready(self, node_id: str) -> bool:
+        try:
+            with urllib.request.urlopen(self.url(node_id, "/readyz"), timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def url(self, node_id: str, path: str) -> str:
+        return f"http://127.0.0.1:{self.world.nodes[node_id].metrics_port}{path}"
+
+    def metrics(self, node_id: str) -> dict[str, float]:
+        """`name{labels}` -> value from the agent's /metrics."""
+        with urllib.request.urlopen(self.url(node_id, "/metrics"), timeout=2) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+    def metric_sum(self, node_id: str, name: str) -> float:
+        return sum(v for k, v in self.metrics(node_id).items() if k == name or k.startswith(name + "{"))
+
+    def workload_ns(self, name: str) -> str:
+        return f"{self.world.id}-{name}"
+
+    def add_workload_ns(self, name: str) -> str:
+        return self.world.add_workload_netns(name)
+
+    # --- what the agents made -------------------------------------------------------------
+
+    def nr_netns(self, node_id: str, network: str) -> str:
+        return names.nr_netns(self.world.nodes[node_id].name_prefix, network)
+
+    def wg_ifname(self, node_id: str, network: str) -> str:
+        return names.wg_ifname(self.world.nodes[node_id].name_prefix, network)
+
+    def wg_pid(self, node_id: str, network: str) -> int | None:
+        pidfile = self.world.nodes[node_id].state_dir / "wireguard-go" / f"{self.wg_ifname(node_id, network)}.pid"
+        try:
+            return int(pidfile.read_text().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            return None
+
+    async def wg_device(self, node_id: str, network: str):
+        return await uapi.get(self.wg_ifname(node_id, network))
+
+    def netns_inode(self, netns: str) -> int | None:
+        try:
+            return os.stat(f"/var/run/netns/{netns}").st_ino
+        except FileNotFoundError:
+            return None
+
+    def links(self, netns: str) -> dict[str, int]:
+        """ifname -> ifindex inside a namespace."""
+        res = netns_exec(netns, "ip", "-j", "link", "show")
+        return {link["ifname"]: link["ifindex"] for link in json.loads(res.stdout or "[]")}
+
+    def ping(self, src_ns: str, address: str, **kw) -> bool:
+        return self.world.ping(src_ns, address, **kw)
+
+    def matrix(self, workloads: dict[str, str]) -> dict[tuple[str, str], bool]:
+        """(from, to) -> ping ok, for every ordered pair of {workload: ip}."""
+        return {(a, b): self.ping(self.workload_ns(a), ip)
+                for a in workloads for b, ip in workloads.items() if a != b}
+
+    def wait_mesh(self, workloads: dict[str, str], timeout: float = 30) -> None:
+        def all_ok():
+            return all(self.matrix(workloads).values())
+        wait_until(all_ok, timeout, interval=0.2, what=f"full connectivity between {sorted(workloads)}")
+
+
+def network_manifest(name: str, subnets: dict[str, str], ip_range: str = "10.1.0.0/16", **spec) -> str:
+    resources = "\n".join(f"  - {{node: {n}, subnet: {s}}}" for n, s in subnets.items())
+    extra = "".join(f"  {k}: {json.dumps(v)}\n" for k, v in spec.items())
+    return (f"apiVersion: zmesh.io/v1\nkind: Network\nmetadata: {{name: {name}}}\nspec:\n"
+            f"  ipRange: {ip_range}\n  resources:\n{resources}\n{extra}")
+
+
+def workload_manifest(name: str, network: str, node: str, netns: str, ip: str | None = None) -> str:
+    ip_line = f", ip: {ip}" if ip else ""
+    return (f"---\napiVersion: zmesh.io/v1\nkind: Workload\nmetadata: {{name: {name}}}\n"
+            f"spec: {{network: {network}, node: {node}, netns: {netns}{ip_line}}}\n")

@@ -1,0 +1,311 @@
+"""The mesh, end to end: `zmesh apply` -> agents -> namespaces, wireguard-go, routes -> packets.
+
+Every test runs a fresh simulated world (tests/e2e/conftest.py) against a real etcd."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from meshlib import RESYNC, network_manifest, wait_until, workload_manifest
+
+from controller.sim.world import netns_exec
+
+pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.etcd]
+
+SUBNETS = {"n1": "10.1.1.0/24", "n2": "10.1.2.0/24", "n3": "10.1.3.0/24"}
+IPS = {"w1": "10.1.1.10", "w2": "10.1.2.10", "w3": "10.1.3.10"}
+NODE_OF = {"w1": "n1", "w2": "n2", "w3": "n3"}
+
+
+def three_node_network(mesh, name: str = "blue") -> str:
+    manifest = network_manifest(name, SUBNETS)
+    for w, node in NODE_OF.items():
+        manifest += workload_manifest(w, name, node, mesh.add_workload_ns(w), IPS[w])
+    return manifest
+
+
+def underlay_counter(mesh) -> None:
+    """Count, on the Internet bridge, packets whose inner addresses would leak and WireGuard UDP."""
+    rules = """
+table bridge zmtest {
+  chain forward {
+    type filter hook forward priority 0;
+    ip saddr 10.0.0.0/8 counter comment "overlay-src"
+    ip daddr 10.0.0.0/8 counter comment "overlay-dst"
+    udp dport 51820-52819 counter comment "wireguard"
+  }
+}
+"""
+    subprocess.run(["ip", "netns", "exec", mesh.world.inet, "nft", "-f", "-"], input=rules,
+                   text=True, check=True, capture_output=True)
+
+
+def underlay_counts(mesh) -> dict[str, int]:
+    out = netns_exec(mesh.world.inet, "nft", "-j", "list", "table", "bridge", "zmtest", check=True).stdout
+    counts = {}
+    for item in json.loads(out)["nftables"]:
+        rule = item.get("rule")
+        if rule:
+            packets = next(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
+            counts[rule["comment"]] = packets
+    return counts
+
+
+async def test_workloads_on_three_nodes_reach_each_other_only_through_wireguard(mesh):
+    mesh.start("n1", "n2", "n3")
+    underlay_counter(mesh)
+    mesh.apply(three_node_network(mesh))
+
+    mesh.wait_mesh(IPS, timeout=20)
+    assert all(mesh.matrix(IPS).values())
+
+    before = {n: await mesh.wg_device(n, "blue") for n in SUBNETS}
+    assert mesh.ping(mesh.workload_ns("w1"), IPS["w2"], count=5)
+    after = {n: await mesh.wg_device(n, "blue") for n in SUBNETS}
+    # The ping crossed n1's and n2's WireGuard interfaces: their peer counters grew.
+    for node, peer_node in (("n1", "n2"), ("n2", "n1")):
+        peer_key = next(k for k, p in after[node].peers.items() if "10.1.%s.0/24" % peer_node[1] in
+                        {str(a) for a in p.allowed_ips})
+        assert after[node].peers[peer_key].tx_bytes > before[node].peers[peer_key].tx_bytes
+        assert after[node].peers[peer_key].rx_bytes > before[node].peers[peer_key].rx_bytes
+        assert after[node].peers[peer_key].last_handshake > 0
+
+    counts = underlay_counts(mesh)
+    assert counts["wireguard"] > 0, counts
+    assert counts["overlay-src"] == 0 and counts["overlay-dst"] == 0, counts
+
+    # Each NR peers with exactly the other two, at their public endpoint and listen port.
+    for node in SUBNETS:
+        device = after[node]
+        assert len(device.peers) == 2
+        assert all(p.endpoint and p.endpoint.startswith("198.51.100.") for p in device.peers.values())
+
+
+async def test_two_networks_with_the_same_ranges_work_and_cannot_reach_each_other(mesh):
+    mesh.start("n1", "n2")
+    subnets = {"n1": "10.1.1.0/24", "n2": "10.1.2.0/24"}
+    manifest = network_manifest("red", subnets) + "---\n" + network_manifest("blue", subnets)
+    red = {"r1": "10.1.1.10", "r2": "10.1.2.10"}
+    blue = {"b1": "10.1.1.20", "b2": "10.1.2.20"}
+    for w, ip in red.items():
+        manifest += workload_manifest(w, "red", "n" + w[1], mesh.add_workload_ns(w), ip)
+    for w, ip in blue.items():
+        manifest += workload_manifest(w, "blue", "n" + w[1], mesh.add_workload_ns(w), ip)
+    mesh.apply(manifest)
+
+    mesh.wait_mesh(red)
+    mesh.wait_mesh(blue)
+    # Same subnets, same gateways, different namespaces: no path between the networks.
+    assert not mesh.ping(mesh.workload_ns("r1"), blue["b2"])
+    assert not mesh.ping(mesh.workload_ns("r1"), blue["b1"])
+    assert not mesh.ping(mesh.workload_ns("b2"), red["r1"])
+    assert mesh.wg_ifname("n1", "red") != mesh.wg_ifname("n1", "blue")
+
+
+async def test_an_ipv6_only_node_meshes_with_dual_stack_nodes(mesh):
+    mesh.start("n1", "n2")
+    mesh.start("n3", ipv4=False, ipv6=True)
+    mesh.apply(three_node_network(mesh))
+
+    mesh.wait_mesh(IPS)
+    n3 = await mesh.wg_device("n3", "blue")
+    assert len(n3.peers) == 2
+    assert all(p.endpoint.startswith("[2001:db8:100::") for p in n3.peers.values())
+    n1 = await mesh.wg_device("n1", "blue")
+    endpoints = sorted(p.endpoint for p in n1.peers.values())
+    # n1 reaches n2 over IPv4 (preferred) and n3 over IPv6 (the only family they share).
+    assert endpoints[0].startswith("198.51.100.12:") and endpoints[1].startswith("[2001:db8:100::13]:")
+
+
+async def test_editing_a_network_converges_without_touching_unaffected_nrs(mesh):
+    mesh.start("n1", "n2", "n3")
+    ns = {w: mesh.add_workload_ns(w) for w in NODE_OF}
+    two = {"n1": SUBNETS["n1"], "n2": SUBNETS["n2"]}
+    base = "".join(workload_manifest(w, "blue", NODE_OF[w], ns[w], IPS[w]) for w in ("w1", "w2"))
+    mesh.apply(network_manifest("blue", two) + base)
+    mesh.wait_mesh({w: IPS[w] for w in ("w1", "w2")})
+    untouched = {
+        "pid": mesh.wg_pid("n1", "blue"),
+        "netns": mesh.netns_inode(mesh.nr_netns("n1", "blue")),
+        "links": mesh.links(mesh.nr_netns("n1", "blue")),
+        "w1": mesh.links(ns["w1"]),
+    }
+
+    # Add a node (its workload gets an address allocated from its subnet).
+    mesh.apply(network_manifest("blue", SUBNETS) + base + workload_manifest("w3", "blue", "n3", ns["w3"]))
+    mesh.wait_mesh({"w1": IPS["w1"], "w2": IPS["w2"], "w3": "10.1.3.2"})
+
+    # Change that node's subnet: its workload moves with it.
+    moved = {**SUBNETS, "n3": "10.1.30.0/24"}
+    mesh.apply(network_manifest("blue", moved) + base + workload_manifest("w3", "blue", "n3", ns["w3"]))
+    mesh.wait_mesh({"w1": IPS["w1"], "w2": IPS["w2"], "w3": "10.1.30.2"})
+    assert not mesh.ping(mesh.workload_ns("w1"), "10.1.3.2")
+
+    # Remove a node: its NR and wireguard-go go away, the rest keeps working.
+    n2_pid = mesh.wg_pid("n2", "blue")
+    without_n2 = {"n1": SUBNETS["n1"], "n3": "10.1.30.0/24"}
+    mesh.zmesh("delete", "workload", "w2")  # the CLI refuses to strand a workload on a removed node
+    mesh.apply(network_manifest("blue", without_n2))
+    wait_until(lambda: mesh.netns_inode(mesh.nr_netns("n2", "blue")) is None, 15, what="n2's NR removed")
+    wait_until(lambda: not os.path.exists(f"/proc/{n2_pid}"), 10, what="n2's wireguard-go stopped")
+    mesh.wait_mesh({"w1": IPS["w1"], "w3": "10.1.30.2"})
+    assert not mesh.ping(mesh.workload_ns("w1"), IPS["w2"])
+
+    # n1's NR lived through all of it: same process, same namespace, same links.
+    assert mesh.wg_pid("n1", "blue") == untouched["pid"]
+    assert mesh.netns_inode(mesh.nr_netns("n1", "blue")) == untouched["netns"]
+    assert mesh.links(mesh.nr_netns("n1", "blue")) == untouched["links"]
+    assert mesh.links(ns["w1"]) == untouched["w1"]
+
+
+async def test_deleting_a_network_removes_everything_it_created(mesh):
+    mesh.start("n1", "n2", "n3")
+    mesh.apply(three_node_network(mesh))
+    mesh.wait_mesh(IPS)
+    made = {n: (mesh.nr_netns(n, "blue"), mesh.wg_ifname(n, "blue"), mesh.wg_pid(n, "blue")) for n in SUBNETS}
+    keys = {n: mesh.world.nodes[n].state_dir / "keys" / f"{made[n][1]}.key" for n in SUBNETS}
+    assert all(k.exists() and (k.stat().st_mode & 0o777) == 0o600 for k in keys.values())
+
+    mesh.zmesh("delete", "network", "blue")
+    for w in NODE_OF:
+        mesh.zmesh("delete", "workload", w)
+
+    def all_gone():
+        return all(mesh.netns_inode(netns) is None and not os.path.exists(f"/proc/{pid}")
+                   and not os.path.exists(f"/var/run/wireguard/{ifname}.sock") and not keys[n].exists()
+                   for n, (netns, ifname, pid) in made.items())
+    wait_until(all_gone, 20, what="every NR, wireguard-go process, socket and key removed")
+    # The workloads' namespaces are the containers': they stay, without our veth.
+    for w in NODE_OF:
+        assert mesh.netns_inode(mesh.workload_ns(w)) is not None
+        wait_until(lambda: "eth0" not in mesh.links(mesh.workload_ns(w)), 10, what=f"{w}'s veth removed")
+    statuses = mesh.etcdctl("get", "--prefix", "--keys-only", "/zmesh/v1/status/").stdout.split()
+    assert statuses == []
+
+
+async def test_agent_restart_changes_nothing_and_traffic_keeps_flowing(mesh):
+    mesh.start("n1", "n2", "n3")
+    mesh.apply(three_node_network(mesh))
+    mesh.wait_mesh(IPS)
+    time.sleep(RESYNC * 2)  # let every agent publish its final status
+    snapshot = {n: (mesh.wg_pid(n, "blue"), mesh.netns_inode(mesh.nr_netns(n, "blue")),
+                    mesh.links(mesh.nr_netns(n, "blue"))) for n in SUBNETS}
+    status_revs = mesh.etcdctl("get", "--prefix", "-w", "json", "/zmesh/v1/status/").stdout
+
+    # 60 pings at 50 ms from w1 to w2 while both ends' agents restart.
+    pinger = subprocess.Popen(["ip", "netns", "exec", mesh.workload_ns("w1"), "ping", "-n", "-q",
+                               "-c", "60", "-i", "0.05", "-W", "1", IPS["w2"]],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for node in ("n1", "n2"):
+            assert mesh.world.stop_agent(node) == 0  # SIGTERM: a clean exit
+            mesh.world.start_agent(node)
+        for node in ("n1", "n2"):
+            wait_until(lambda: mesh.ready(node), 30, what=f"{node} ready again")
+        time.sleep(RESYNC * 2)
+        out, _ = pinger.communicate(timeout=30)
+    finally:
+        if pinger.poll() is None:
+            pinger.kill()
+            pinger.wait()
+    assert " 0% packet loss" in out, out
+
+    for n in SUBNETS:
+        assert (mesh.wg_pid(n, "blue"), mesh.netns_inode(mesh.nr_netns(n, "blue")),
+                mesh.links(mesh.nr_netns(n, "blue"))) == snapshot[n]
+    # Nor did the restarted agents rewrite their published status.
+    assert mesh.etcdctl("get", "--prefix", "-w", "json", "/zmesh/v1/status/").stdout.count('"mod_revision"') \
+        == status_revs.count('"mod_revision"')
+    assert _mod_revisions(mesh.etcdctl("get", "--prefix", "-w", "json", "/zmesh/v1/status/").stdout) \
+        == _mod_revisions(status_revs)
+
+
+def _mod_revisions(etcdctl_json: str) -> dict[str, int]:
+    import base64
+
+    return {base64.b64decode(kv["key"]).decode(): kv["mod_revision"]
+            for kv in json.loads(etcdctl_json).get("kvs", [])}
+
+
+async def test_a_converged_node_makes_no_writes_on_resync(mesh):
+    mesh.start("n1", "n2")
+    manifest = network_manifest("blue", {"n1": SUBNETS["n1"], "n2": SUBNETS["n2"]})
+    manifest += "".join(workload_manifest(w, "blue", NODE_OF[w], mesh.add_workload_ns(w), IPS[w]) for w in ("w1", "w2"))
+    mesh.apply(manifest)
+    mesh.wait_mesh({w: IPS[w] for w in ("w1", "w2")})
+    time.sleep(RESYNC * 2)
+
+    writes = {n: mesh.metric_sum(n, "zmesh_dataplane_writes_total") for n in ("n1", "n2")}
+    converged = {n: mesh.metrics(n).get('zmesh_reconcile_total{network="blue",result="converged"}', 0)
+                 for n in ("n1", "n2")}
+    revision = json.loads(mesh.etcdctl("endpoint", "status", "-w", "json").stdout)[0]["Status"]["header"]["revision"]
+    time.sleep(RESYNC * 3)
+
+    for n in ("n1", "n2"):
+        assert mesh.metric_sum(n, "zmesh_dataplane_writes_total") == writes[n]
+        assert mesh.metrics(n)['zmesh_reconcile_total{network="blue",result="converged"}'] >= converged[n] + 2
+    assert json.loads(mesh.etcdctl("endpoint", "status", "-w", "json").stdout)[0]["Status"]["header"]["revision"] == revision
+
+
+async def test_a_killed_wireguard_go_is_repaired_within_one_resync(mesh):
+    mesh.start("n1", "n2")
+    manifest = network_manifest("blue", {"n1": SUBNETS["n1"], "n2": SUBNETS["n2"]})
+    manifest += "".join(workload_manifest(w, "blue", NODE_OF[w], mesh.add_workload_ns(w), IPS[w]) for w in ("w1", "w2"))
+    mesh.apply(manifest)
+    mesh.wait_mesh({w: IPS[w] for w in ("w1", "w2")})
+    pid = mesh.wg_pid("n2", "blue")
+
+    os.kill(pid, signal.SIGKILL)  # the PID the agent recorded for its own process
+    killed_at = time.monotonic()
+    wait_until(lambda: mesh.wg_pid("n2", "blue") not in (None, pid), RESYNC + 10, what="a new wireguard-go")
+    mesh.wait_mesh({w: IPS[w] for w in ("w1", "w2")}, timeout=RESYNC + 10)
+    repaired_after = time.monotonic() - killed_at
+    assert repaired_after < RESYNC + 5, repaired_after
+    assert mesh.metric_sum("n2", "zmesh_wireguard_restarts_total") == 1
+
+
+async def test_a_1400_byte_ping_with_df_set_crosses_the_mesh(mesh):
+    mesh.start("n1", "n2")
+    manifest = network_manifest("blue", {"n1": SUBNETS["n1"], "n2": SUBNETS["n2"]})
+    manifest += "".join(workload_manifest(w, "blue", NODE_OF[w], mesh.add_workload_ns(w), IPS[w]) for w in ("w1", "w2"))
+    mesh.apply(manifest)
+    mesh.wait_mesh({w: IPS[w] for w in ("w1", "w2")})
+
+    assert mesh.ping(mesh.workload_ns("w1"), IPS["w2"], size=1400, dont_fragment=True, count=3)
+    # The largest packet that fits the 1440-byte overlay MTU crosses too ...
+    assert mesh.ping(mesh.workload_ns("w1"), IPS["w2"], size=1440 - 28, dont_fragment=True)
+    # ... and one byte more is refused at once by the workload's own interface: no black hole.
+    res = netns_exec(mesh.workload_ns("w1"), "ping", "-n", "-c", "1", "-W", "1", "-M", "do", "-s",
+                     str(1440 - 28 + 1), IPS["w2"])
+    assert res.returncode != 0 and "too long" in (res.stdout + res.stderr).lower(), res
+
+
+async def test_a_malformed_spec_written_by_hand_hurts_no_other_network(mesh):
+    mesh.start("n1", "n2")
+    subnets = {"n1": "10.1.1.0/24", "n2": "10.1.2.0/24"}
+    manifest = network_manifest("good", subnets) + "---\n" + network_manifest("later-bad", subnets)
+    manifest += "".join(workload_manifest(w, "good", NODE_OF[w], mesh.add_workload_ns(w), IPS[w]) for w in ("w1", "w2"))
+    mesh.apply(manifest)
+    mesh.wait_mesh({w: IPS[w] for w in ("w1", "w2")})
+    bad_nr = mesh.nr_netns("n1", "later-bad")
+    wait_until(lambda: mesh.netns_inode(bad_nr) is not None, 10, what="later-bad's NR")
+    bad_inode, bad_pid = mesh.netns_inode(bad_nr), mesh.wg_pid("n1", "later-bad")
+
+    # Overwrite one network with garbage, as a hand-edit with etcdctl would.
+    mesh.etcdctl("put", "/zmesh/v1/networks/later-bad", '{"apiVersion": "zmesh.io/v1", "kind": "Network", oops')
+
+    def reported():
+        raw = mesh.etcdctl("get", "--print-value-only", "/zmesh/v1/status/networks/later-bad/n1").stdout
+        return raw and "InvalidSpec" in raw
+    wait_until(reported, 10, what="InvalidSpec reported in later-bad's status")
+    time.sleep(RESYNC * 2)
+    # The other network is untouched and keeps working; the broken one keeps its last good NR.
+    assert all(mesh.matrix({w: IPS[w] for w in ("w1", "w2")}).values())
+    assert mesh.netns_inode(bad_nr) == bad_inode and mesh.wg_pid("n1", "later-bad") == bad_pid
+    for n in ("n1", "n2"):
+        assert mesh.world.nodes[n].agent.poll() is None  # the agents did not crash
