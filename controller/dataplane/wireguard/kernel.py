@@ -30,7 +30,7 @@ from pyroute2.netlink.generic.wireguard import (
 
 from ..links import Links
 from ..netns import NETLINK_GENERIC, netns_exists, netns_path, open_socket_in
-from .base import DeviceOps, DeviceState, PeerState, WireGuardBackend, WireGuardError
+from .base import DeviceOps, DeviceState, PeerState, WireGuardBackend, WireGuardError, key_bytes, public_key
 
 
 def kernel_available() -> bool:
@@ -49,6 +49,81 @@ def _endpoint(ep: dict | None) -> str | None:
         return None
     addr = ep["addr"]
     return f"[{addr}]:{ep['port']}" if ":" in addr else f"{addr}:{ep['port']}"
+
+
+def parse_device(msgs) -> DeviceState:
+    """WG_CMD_GET_DEVICE answers as a DeviceState (a large device spans several messages)."""
+    port, pub, has_priv = 0, None, False
+    peers: dict[str, PeerState] = {}
+    # a large device is dumped over several messages: merge them
+    for m in msgs:
+        port = m.get_attr("WGDEVICE_A_LISTEN_PORT") or port
+        priv = m.get_attr("WGDEVICE_A_PRIVATE_KEY")
+        # pyroute2 decodes key attributes to base64 bytes
+        if priv is not None and any(key_bytes(priv.decode())):
+            has_priv = True
+            pubattr = m.get_attr("WGDEVICE_A_PUBLIC_KEY")
+            pub = pubattr.decode() if pubattr else public_key(priv.decode())
+        for p in m.get_attr("WGDEVICE_A_PEERS") or []:
+            key = p.get_attr("WGPEER_A_PUBLIC_KEY").decode()
+            hs = p.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")
+            ips = frozenset(ip_network(a["addr"]) for a in p.get_attr("WGPEER_A_ALLOWEDIPS") or [])
+            prev = peers.get(key)
+            peers[key] = PeerState(
+                endpoint=_endpoint(p.get_attr("WGPEER_A_ENDPOINT")),
+                allowed_ips=ips | (prev.allowed_ips if prev else frozenset()),
+                persistent_keepalive=p.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or 0,
+                rx_bytes=p.get_attr("WGPEER_A_RX_BYTES") or 0,
+                tx_bytes=p.get_attr("WGPEER_A_TX_BYTES") or 0,
+                last_handshake=(hs["tv_sec"] + hs["tv_nsec"] / 1e9) if hs else 0.0,
+            )
+    return DeviceState(listen_port=port, public_key=pub, has_private_key=has_priv, peers=peers)
+
+
+def set_message(ifname: str, ops: DeviceOps) -> wgmsg:
+    """The WG_CMD_SET_DEVICE message for `ops` (pure; header type/pid are the caller's).
+
+    pyroute2's AsyncWireGuard.set() takes one peer per call; a peer move must be one message.
+    """
+    msg = wgmsg()
+    msg["attrs"].append(["WGDEVICE_A_IFNAME", ifname])
+    if ops.private_key is not None:
+        msg["attrs"].append(["WGDEVICE_A_PRIVATE_KEY", ops.private_key])
+    if ops.listen_port is not None:
+        msg["attrs"].append(["WGDEVICE_A_LISTEN_PORT", ops.listen_port])
+    peers = []
+    for op in ops.peers:
+        attrs: list = [["WGPEER_A_PUBLIC_KEY", op.public_key]]
+        flags = 0
+        if op.remove:
+            flags |= WGPEER_F_REMOVE_ME
+        else:
+            if op.endpoint is not None:
+                host, _, port = op.endpoint.rpartition(":")
+                attrs.append(["WGPEER_A_ENDPOINT", {"addr": host.strip("[]"), "port": int(port)}])
+            if op.persistent_keepalive is not None:
+                attrs.append(["WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", op.persistent_keepalive])
+            if op.allowed_ips is not None:
+                flags |= WGPEER_F_REPLACE_ALLOWEDIPS
+                attrs.append(["WGPEER_A_ALLOWEDIPS", [_allowed_ip(n) for n in sorted(op.allowed_ips, key=str)]])
+        attrs.append(["WGPEER_A_FLAGS", flags])
+        peers.append({"attrs": attrs})
+    if peers:
+        msg["attrs"].append(["WGDEVICE_A_PEERS", peers])
+    msg["cmd"] = WG_CMD_SET_DEVICE
+    msg["version"] = WG_GENL_VERSION
+    return msg
+
+
+def _allowed_ip(net) -> dict:
+    family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
+    return {
+        "attrs": [
+            ["WGALLOWEDIP_A_FAMILY", family],
+            ["WGALLOWEDIP_A_IPADDR", socket.inet_pton(family, str(net.network_address))],
+            ["WGALLOWEDIP_A_CIDR_MASK", net.prefixlen],
+        ]
+    }
 
 
 class KernelBackend(WireGuardBackend):
@@ -117,65 +192,14 @@ class KernelBackend(WireGuardBackend):
         except NetlinkError as e:
             self._forget(netns)
             raise WireGuardError(f"wireguard {ifname}: {os.strerror(e.code)}") from e
-        port, pub, has_priv = 0, None, False
-        peers: dict[str, PeerState] = {}
-        # a large device is dumped over several messages: merge them
-        for m in msgs:
-            port = m.get_attr("WGDEVICE_A_LISTEN_PORT") or port
-            priv = m.get_attr("WGDEVICE_A_PRIVATE_KEY")
-            if priv is not None and any(priv["key"]):
-                has_priv = True
-                pub = m.get_attr("WGDEVICE_A_PUBLIC_KEY")["value"].decode()
-            for p in m.get_attr("WGDEVICE_A_PEERS") or []:
-                key = p.get_attr("WGPEER_A_PUBLIC_KEY")["value"].decode()
-                hs = p.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")
-                ips = frozenset(ip_network(a["addr"]) for a in p.get_attr("WGPEER_A_ALLOWEDIPS") or [])
-                prev = peers.get(key)
-                peers[key] = PeerState(
-                    endpoint=_endpoint(p.get_attr("WGPEER_A_ENDPOINT")),
-                    allowed_ips=ips | (prev.allowed_ips if prev else frozenset()),
-                    persistent_keepalive=p.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or 0,
-                    rx_bytes=p.get_attr("WGPEER_A_RX_BYTES") or 0,
-                    tx_bytes=p.get_attr("WGPEER_A_TX_BYTES") or 0,
-                    last_handshake=(hs["tv_sec"] + hs["tv_nsec"] / 1e9) if hs else 0.0,
-                )
-        return DeviceState(listen_port=port, public_key=pub, has_private_key=has_priv, peers=peers)
+        return parse_device(msgs)
 
     async def apply(self, ifname: str, netns: str, ops: DeviceOps) -> None:
-        """All of `ops` in one WG_CMD_SET_DEVICE message (pyroute2's set() takes one peer)."""
+        """All of `ops` in one WG_CMD_SET_DEVICE message."""
         if not ops:
             return
         wg = await self._wg(netns)
-        msg = wgmsg()
-        msg["attrs"].append(["WGDEVICE_A_IFNAME", ifname])
-        if ops.private_key is not None:
-            msg["attrs"].append(["WGDEVICE_A_PRIVATE_KEY", {"value": ops.private_key.encode()}])
-        if ops.listen_port is not None:
-            msg["attrs"].append(["WGDEVICE_A_LISTEN_PORT", ops.listen_port])
-        peers = []
-        for op in ops.peers:
-            attrs: list = [["WGPEER_A_PUBLIC_KEY", {"value": op.public_key.encode()}]]
-            flags = 0
-            if op.remove:
-                flags |= WGPEER_F_REMOVE_ME
-            else:
-                if op.endpoint is not None:
-                    host, _, port = op.endpoint.rpartition(":")
-                    attrs.append(
-                        ["WGPEER_A_ENDPOINT", {"addr": host.strip("[]"), "port": int(port)}]
-                    )
-                if op.persistent_keepalive is not None:
-                    attrs.append(["WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", op.persistent_keepalive])
-                if op.allowed_ips is not None:
-                    flags |= WGPEER_F_REPLACE_ALLOWEDIPS
-                    attrs.append(["WGPEER_A_ALLOWEDIPS", wg._wg_build_allowedips(
-                        [str(n) for n in sorted(op.allowed_ips, key=str)])])
-            attrs.append(["WGPEER_A_FLAGS", flags])
-            peers.append({"attrs": attrs})
-        if peers:
-            msg["attrs"].append(["WGDEVICE_A_PEERS", peers])
-        msg["cmd"] = WG_CMD_SET_DEVICE
-        msg["version"] = WG_GENL_VERSION
+        msg = set_message(ifname, ops)
         msg["header"]["type"] = wg.prid
         msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
         msg["header"]["pid"] = wg.pid
@@ -184,7 +208,8 @@ class KernelBackend(WireGuardBackend):
         (reply,) = [x async for x in wg.get()]
         err = reply["header"].get("error")
         if err is not None:
-            raise WireGuardError(f"wireguard {ifname}: set failed: {os.strerror(getattr(err, 'code', errno.EIO))}")
+            code = getattr(err, "code", errno.EIO)
+            raise WireGuardError(f"wireguard {ifname}: set failed: {os.strerror(code)}")
 
     async def close(self) -> None:
         for ns in list(self._genl):
