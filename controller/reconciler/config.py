@@ -89,7 +89,8 @@ def parse_endpoint(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 def parse_host_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    # Port 0 asks the kernel for a free one (tests run many agents on one machine).
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"bad address {text!r}: expected HOST:PORT")
     return (host.strip("[]") or "0.0.0.0"), int(port)
 

@@ -168,6 +168,10 @@ def test_ipv6_metrics_address():
     assert (cfg.metrics_host, cfg.metrics_port, cfg.metrics_addr) == ("::1", 9100, "[::1]:9100")
 
 
+def test_metrics_port_zero_lets_the_kernel_choose():
+    assert agent_config(agent_args("--node-id", "n1", "--metrics-addr", "127.0.0.1:0")).metrics_port == 0
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--node-id", "Node_1", "--node-id: bad node id"),
     ("--public-endpoint", "example.org", "--public-endpoint: bad public endpoint"),
