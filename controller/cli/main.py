@@ -318,6 +318,9 @@ async def cmd_get(args, store: StoreView) -> int:
             print(f"No {kind.lower()}s found.", file=sys.stderr)
     else:
         items = [output.manifest(o) for o in objs]
+        if kind == "Node":  # written by agents, never applied: liveness can ride along
+            for item, v in zip(items, views):
+                item["status"] = {"alive": v.alive}
         print(output.dump(items[0] if args.name else output.as_list(items), args.output))
     return EXIT_OK
 

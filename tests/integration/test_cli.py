@@ -233,6 +233,7 @@ def test_get_nodes_shows_endpoints_hidden_and_alive(cli):
     assert rows[0] == ["NAME", "ENDPOINTS", "HIDDEN", "ALIVE", "PORTS", "VERSION"]
     assert {r[0]: (r[2], r[3]) for r in rows[1:]} == {
         "n1": ("no", "yes"), "n2": ("no", "yes"), "n3": ("yes", "yes"), "n4": ("no", "no")}
+    assert cli.json("get", "nodes", "n4")["status"] == {"alive": False}
     assert cli.json("get", "nodes", "n3")["spec"] == {
         "endpoints": [], "listenPortRange": {"max": 52819, "min": 51820}, "version": "", "capabilities": []}
 
