@@ -1,0 +1,592 @@
+"""`zmesh demo`: the mesh working end to end on one machine, then gone without a trace.
+
+A private etcd (or a unique prefix on the etcd given with --etcd), a simulated world of public
+nodes in network namespaces (controller.sim.world), one real `zmesh agent` per node, a sample
+network applied through the store code the CLI uses, the workload-to-workload connectivity matrix
+and proof that the traffic crossed WireGuard. Everything is removed at the end, also on Ctrl-C
+and SIGTERM.
+
+The demo is a list of steps (`Demo.steps`); each is an async method that returns the line to
+print when it is done. Later scenarios (hidden nodes, an aggregator move, Internet access) are
+new steps appended there.
+
+Interruption is cooperative: the signal handlers only set an event, and every wait checks it
+(`Demo.sleep`, `Demo.check`). Nothing is cancelled half-way, so a namespace being created in a
+thread can never escape the clean-up that follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from controller.models.manifest import ManifestError, parse_object, split_documents
+from controller.models.resources import Network, Workload
+from controller.planner import names
+from controller.sim.etcd import EmbeddedEtcd
+from controller.sim.world import World
+
+NETWORK = "demo"
+IP_RANGE = "10.10.0.0/16"
+# (node, IPv4 endpoint, IPv6 endpoint): n3 is IPv6-only, so the mesh shows tunnels of both families.
+NODES = (("n1", True, True), ("n2", True, True), ("n3", False, True))
+# (workload, node): one per node, address .10 of the node's subnet.
+WORKLOADS = (("web-1", "n1"), ("web-2", "n2"), ("db-3", "n3"))
+
+CONVERGE_TIMEOUT = 25.0  # seconds from apply until every pair must answer
+AGENT_START_TIMEOUT = 15.0
+RESYNC_INTERVAL = 2.0  # the agents refresh their WireGuard byte counters on every resync
+
+EXIT_OK, EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 130, 143
+
+
+class Interrupted(Exception):
+    pass
+
+
+class DemoFailed(Exception):
+    """One line for the user; the demo cleans up and exits non-zero."""
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+def _can_encode(stream, text: str) -> bool:
+    try:
+        text.encode(getattr(stream, "encoding", None) or "ascii")
+        return True
+    except (UnicodeEncodeError, LookupError):
+        return False
+
+
+class Progress:
+    """Steps as lines. On a terminal a spinner with the elapsed time (and the step's live detail)
+    runs until the step ends; elsewhere (logs, pipes, tests) only the final line is printed."""
+
+    SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+    def __init__(self, out=None, tty: bool | None = None):
+        self.out = out or sys.stdout
+        self.tty = self.out.isatty() if tty is None else tty
+        fancy = _can_encode(self.out, "✓✗—" + self.SPINNER)
+        self.ok, self.bad, self.dash = ("✓", "✗", "—") if fancy else ("ok", "FAIL", "-")
+        self.spinner = self.SPINNER if fancy else "|/-\\"
+        self.detail = ""
+
+    def line(self, text: str = "") -> None:
+        # On a terminal, first wipe a spinner line that may be showing.
+        self.out.write(("\r\x1b[K" if self.tty else "") + text + "\n")
+        self.out.flush()
+
+    @contextlib.asynccontextmanager
+    async def step(self, title: str):
+        self.detail = ""
+        start = time.monotonic()
+        spin = asyncio.get_running_loop().create_task(self._spin(title, start)) if self.tty else None
+        mark, text = self.bad, "failed"
+        result: list[str] = []  # the step appends its result line here
+        try:
+            yield result
+            mark, text = self.ok, (result[0] if result else title)
+        except Interrupted:
+            text = f"{title}: interrupted"
+            raise
+        except DemoFailed as e:
+            text = f"{title}: {e}"
+            raise
+        finally:
+            if spin is not None:
+                spin.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await spin
+            self.line(f"{mark} {text} ({time.monotonic() - start:.1f} s)")
+
+    async def _spin(self, title: str, start: float) -> None:
+        i = 0
+        while True:
+            detail = f" — {self.detail}" if self.detail else ""
+            self.out.write(f"\r\x1b[K{self.spinner[i % len(self.spinner)]} {title}{detail} "
+                           f"({time.monotonic() - start:.1f} s)")
+            self.out.flush()
+            i += 1
+            await asyncio.sleep(0.1)
+
+
+def table(header: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return [fmt(header), *(fmt(r) for r in rows)]
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+# --- probes -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    ok: bool
+    rtt_ms: float | None = None
+
+
+_RTT = re.compile(r"= [\d.]+/([\d.]+)/")
+
+
+async def ping(netns: str, address: str, count: int = 1) -> Probe:
+    """ping from inside a namespace (exec'd, never forked from this gRPC-using process)."""
+    proc = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", netns, "ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", "1",
+        address, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await proc.communicate()
+    m = _RTT.search(out.decode(errors="replace"))
+    return Probe(proc.returncode == 0, float(m.group(1)) if m else None)
+
+
+async def scrape(port: int) -> str:
+    """An agent's /metrics (urllib in a thread: one request, no session to manage)."""
+    import urllib.request
+
+    def get() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            return r.read().decode()
+    return await asyncio.to_thread(get)
+
+
+def metric_value(text: str, sample: str, labels: dict[str, str]) -> float | None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None
+
+
+async def http_ok(port: int, path: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    def get() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+    return await asyncio.to_thread(get)
+
+
+# --- the demo ---------------------------------------------------------------------------------
+
+
+class Demo:
+    def __init__(self, args, progress: Progress | None = None):
+        self.args = args
+        self.p = progress or Progress()
+        self.stop = asyncio.Event()
+        self.signal: int | None = None
+        self.etcd: EmbeddedEtcd | None = None
+        self.endpoints: list[str] = list(getattr(args, "etcd", None) or [])
+        # A unique prefix on a user's etcd so the demo never reads or writes their data.
+        self.prefix = "/zmesh/" if not self.endpoints else f"/zmesh-demo-{secrets.token_hex(4)}/"
+        self.world: World | None = None
+        self.store = None
+        self.workload_ns: dict[str, str] = {}  # workload -> netns
+        self.workload_ip: dict[str, str] = {}
+        self.public_keys: dict[str, str] = {}  # base64 key -> node
+        self.matrix: dict[tuple[str, str], Probe] = {}
+        self.report: list[str] = []  # lines a step shows below its own line
+
+    # --- interruption -------------------------------------------------------------------------
+
+    def on_signal(self, signum: int) -> None:
+        if self.signal is None:
+            self.signal = signum
+            self.stop.set()
+            self.p.line(f"\n{signal.Signals(signum).name}: stopping, cleaning up")
+        else:
+            self.p.line("still cleaning up, please wait")
+
+    def check(self) -> None:
+        if self.stop.is_set():
+            raise Interrupted()
+
+    async def sleep(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), seconds)
+        self.check()
+
+    # --- steps --------------------------------------------------------------------------------
+
+    @property
+    def steps(self) -> list[tuple[str, Callable[[], Awaitable[str]]]]:
+        return [
+            ("Starting etcd", self.start_etcd),
+            ("Building the simulated Internet and nodes", self.build_world),
+            ("Starting one agent per node", self.start_agents),
+            (f"Applying network {NETWORK!r} with one workload per node", self.apply_network),
+            ("Waiting for the mesh to converge", self.converge),
+            ("Measuring workload-to-workload connectivity", self.measure_matrix),
+            ("Reading WireGuard counters", self.wireguard_report),
+        ]
+
+    async def run(self) -> int:
+        nodes = ", ".join(f"{n} ({'+'.join(f for f, on in (('IPv4', v4), ('IPv6', v6)) if on)})"
+                          for n, v4, v6 in NODES)
+        self.p.line("zmesh demo — an encrypted WireGuard mesh on simulated nodes "
+                    "(network namespaces on this machine)")
+        self.p.line(f"  nodes: {nodes}, one `zmesh agent` process each; "
+                    f"workloads: {', '.join(f'{w} on {n}' for w, n in WORKLOADS)}")
+        self.p.line("  shown: every workload pinging every other across the mesh, and the WireGuard "
+                    "traffic per node; then everything is removed (also on Ctrl-C)")
+        self.p.line()
+        failure: str | None = None
+        started = time.monotonic()
+        try:
+            for title, fn in self.steps:
+                self.check()
+                try:
+                    async with self.p.step(title) as result:
+                        result.append(await fn())
+                finally:  # a step's tables go below its line, also when it failed
+                    for line in self.report:
+                        self.p.line(line)
+                    self.report.clear()
+            if getattr(self.args, "keep", False):
+                await self.keep()
+        except Interrupted:
+            pass
+        except DemoFailed as e:
+            failure = str(e)
+            self.show_agent_problems()
+        finally:
+            try:
+                await self.cleanup()
+            except DemoFailed as e:
+                failure = failure or f"clean-up incomplete: {e}"
+        if self.signal is not None:
+            self.p.line(f"zmesh: demo interrupted by {signal.Signals(self.signal).name}; "
+                        "everything it made was removed")
+            return EXIT_SIGTERM if self.signal == signal.SIGTERM else EXIT_SIGINT
+        if failure:
+            print(f"zmesh: demo failed: {failure}", file=sys.stderr)
+            return EXIT_FAILED
+        self.p.line(f"{self.p.ok} demo passed in {time.monotonic() - started:.1f} s")
+        return EXIT_OK
+
+    async def start_etcd(self) -> str:
+        if self.endpoints:
+            from controller.store.client import EtcdStore
+
+            self.store = EtcdStore(self.endpoints, self.prefix, timeout=5.0)
+            await self.store.get(self.prefix)  # fails early and clearly if etcd is not there
+            return f"Using etcd at {','.join(self.endpoints)} under the private prefix {self.prefix}"
+        # Synchronous on purpose (about a second): a signal arriving meanwhile is handled right
+        # after, so an etcd can never be started behind the clean-up's back.
+        self.etcd = EmbeddedEtcd()
+        self.etcd.start()
+        self.endpoints = self.etcd.endpoints
+        from controller.store.client import EtcdStore
+
+        self.store = EtcdStore(self.endpoints, self.prefix, timeout=5.0)
+        return f"Private etcd running at {self.etcd.endpoint} (pid {self.etcd.pid}, data in {self.etcd.base_dir})"
+
+    async def build_world(self) -> str:
+        self.world = World(self.endpoints, agent_args=["--prefix", self.prefix],
+                           resync_interval=RESYNC_INTERVAL)
+        await self.world.__aenter__()
+        w = self.world
+        for node_id, v4, v6 in NODES:
+            w.add_node(node_id, ipv4=v4, ipv6=v6)
+            self.check()
+        for i, (workload, node_id) in enumerate(WORKLOADS):
+            self.workload_ns[workload] = w.add_workload_netns(workload)
+            index = w.nodes[node_id].index
+            self.workload_ip[workload] = str(ipaddress.ip_network(IP_RANGE)[index * 256 + 10])
+        addrs = ", ".join(f"{n.node_id} {' '.join(n.endpoints)}" for n in w.nodes.values())
+        return f"World {w.id}: Internet namespace {w.inet}, nodes {addrs}"
+
+    async def start_agents(self) -> str:
+        w = self.world
+        for node_id in w.nodes:
+            w.start_agent(node_id)
+        deadline = time.monotonic() + AGENT_START_TIMEOUT
+        pending = set(w.nodes)
+        while pending:
+            for node_id in sorted(pending):
+                node = w.nodes[node_id]
+                if node.agent.poll() is not None:
+                    raise DemoFailed(f"the agent of {node_id} exited with status {node.agent.returncode}: "
+                                     f"{self.last_log_line(node_id)}")
+                if await http_ok(node.metrics_port, "/readyz"):
+                    pending.discard(node_id)
+            self.p.detail = f"{len(w.nodes) - len(pending)}/{len(w.nodes)} ready"
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                raise DemoFailed(f"agents not ready after {AGENT_START_TIMEOUT:.0f} s: {', '.join(sorted(pending))}")
+            await self.sleep(0.1)
+        pids = ", ".join(f"{n.node_id} pid {n.agent.pid}" for n in w.nodes.values())
+        return f"{len(w.nodes)} agents running and ready ({pids})"
+
+    def manifests(self) -> str:
+        docs = [
+            f"apiVersion: zmesh.io/v1\nkind: Network\nmetadata: {{name: {NETWORK}}}\nspec:\n"
+            f"  ipRange: {IP_RANGE}\n  resources:\n"
+            + "".join(f"  - {{node: {n.node_id}, subnet: 10.10.{n.index}.0/24}}\n"
+                      for n in self.world.nodes.values())
+        ]
+        for workload, node_id in WORKLOADS:
+            docs.append(f"apiVersion: zmesh.io/v1\nkind: Workload\nmetadata: {{name: {workload}}}\n"
+                        f"spec: {{network: {NETWORK}, node: {node_id}, netns: {self.workload_ns[workload]}, "
+                        f"ip: {self.workload_ip[workload]}}}\n")
+        return "---\n".join(docs)
+
+    async def apply_network(self) -> str:
+        try:
+            objects = [parse_object(d.data, d.where, ("Network", "Workload"))
+                       for d in split_documents(self.manifests(), "demo manifest")]
+        except ManifestError as e:  # a bug in the demo, not the user's input
+            raise DemoFailed(f"sample manifest invalid: {e}") from None
+        for obj in objects:  # the network first, as in the manifest
+            await self.store.apply(obj)
+        n = sum(isinstance(o, Network) for o in objects)
+        wl = sum(isinstance(o, Workload) for o in objects)
+        return f"Applied {n} network and {wl} workloads to etcd ({IP_RANGE}, a /24 per node)"
+
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(a, b) for a, _ in WORKLOADS for b, _ in WORKLOADS if a != b]
+
+    async def probe_all(self, count: int = 1) -> dict[tuple[str, str], Probe]:
+        pairs = self.pairs()
+        probes = await asyncio.gather(*(ping(self.workload_ns[a], self.workload_ip[b], count) for a, b in pairs))
+        return dict(zip(pairs, probes))
+
+    async def converge(self) -> str:
+        """Level by level: the NRs and workloads report Ready in etcd, then every pair answers a
+        ping (the real test: the status says what the agent did, the ping what the kernel does)."""
+        w = self.world
+        network = await self.store.get_object("Network", NETWORK)
+        generation = network.metadata.generation
+        start = time.monotonic()
+        deadline = start + CONVERGE_TIMEOUT
+        while True:
+            self.check_agents()
+            statuses = {s.node: s for s in await self.store.get_statuses(NETWORK)}
+            ready_nrs = [n for n, s in statuses.items()
+                         if s.observedGeneration >= generation and _ready(s.conditions)]
+            ready_wl = []
+            for workload, _ in WORKLOADS:
+                st = await self.store.get_workload_status(workload)
+                if st is not None and _ready(st.conditions):
+                    ready_wl.append(workload)
+            self.p.detail = f"NRs ready {len(ready_nrs)}/{len(w.nodes)}, workloads {len(ready_wl)}/{len(WORKLOADS)}"
+            if len(ready_nrs) == len(w.nodes) and len(ready_wl) == len(WORKLOADS):
+                self.public_keys = {s.publicKey: n for n, s in statuses.items() if s.publicKey}
+                probes = await self.probe_all()
+                reachable = sum(p.ok for p in probes.values())
+                self.p.detail += f", pairs answering {reachable}/{len(probes)}"
+                if reachable == len(probes):
+                    return (f"Converged in {time.monotonic() - start:.1f} s after apply: "
+                            f"{len(ready_nrs)} NRs and {len(ready_wl)} workloads Ready, every pair answers")
+            if time.monotonic() > deadline:
+                # Not fatal here: the matrix that follows shows exactly what is missing.
+                return f"Not converged after {CONVERGE_TIMEOUT:.0f} s ({self.p.detail})"
+            await self.sleep(0.2)
+
+    def check_agents(self) -> None:
+        for node_id, node in self.world.nodes.items():
+            if node.agent is None or node.agent.poll() is not None:
+                code = node.agent.returncode if node.agent else None
+                raise DemoFailed(f"the agent of {node_id} exited (status {code}): {self.last_log_line(node_id)}")
+
+    async def measure_matrix(self) -> str:
+        self.matrix = await self.probe_all(count=3)
+        self.check()
+        names_ = [w for w, _ in WORKLOADS]
+        rows = []
+        for a in names_:
+            row = [f"{a} ({self.workload_ip[a]})"]
+            for b in names_:
+                if a == b:
+                    row.append(self.p.dash)
+                    continue
+                probe = self.matrix[(a, b)]
+                rtt = f" {probe.rtt_ms:.2f} ms" if probe.ok and probe.rtt_ms is not None else ""
+                row.append(f"{self.p.ok if probe.ok else self.p.bad}{rtt}")
+            rows.append(row)
+        self.report.append("  Connectivity matrix: ping (3 packets) from the row's workload to the column's;")
+        self.report.append("  average round-trip time through the WireGuard mesh.")
+        self.report += table(["from \\ to", *names_], rows)
+        failed = [f"{a}->{b}" for (a, b), p in self.matrix.items() if not p.ok]
+        if failed:
+            raise DemoFailed(f"{len(failed)} of {len(self.matrix)} workload pairs cannot reach each other "
+                             f"({', '.join(failed)})")
+        return f"All {len(self.matrix)} workload pairs reach each other"
+
+    async def wireguard_report(self) -> str:
+        """Per-peer facts straight from each node's WireGuard device (the endpoint shows the
+        address family of the tunnel), and the byte totals the agents export on /metrics."""
+        from controller.dataplane.wireguard import uapi
+
+        w = self.world
+        peer_rows = []
+        for node in w.nodes.values():
+            ifname = names.wg_ifname(node.name_prefix, NETWORK)
+            try:
+                dev = await uapi.get(ifname)
+            except Exception as e:
+                raise DemoFailed(f"cannot read WireGuard device {ifname} of {node.node_id}: {e}") from None
+            now = time.time()
+            for key, peer in sorted(dev.peers.items(), key=lambda kv: self.public_keys.get(kv[0], kv[0])):
+                hs = f"{now - peer.last_handshake:.0f} s ago" if peer.last_handshake else "never"
+                peer_rows.append([node.node_id, ifname, self.public_keys.get(key, key[:8] + "…"),
+                             peer.endpoint or "(peer calls in)", hs,
+                             human_bytes(peer.rx_bytes), human_bytes(peer.tx_bytes)])
+        self.report.append("  WireGuard peers, read from each node's device (wireguard-go UAPI):")
+        self.report += table(["node", "interface", "peer", "endpoint", "handshake", "received", "sent"],
+                             peer_rows)
+
+        # The agents refresh the counters on each reconcile; wait one resync at most for values.
+        totals: dict[str, tuple[float, float]] = {}
+        deadline = time.monotonic() + RESYNC_INTERVAL * 2 + 1
+        while True:
+            for node in w.nodes.values():
+                text = await scrape(node.metrics_port)
+                rx = metric_value(text, "zmesh_wireguard_received_bytes_total", {"network": NETWORK})
+                tx = metric_value(text, "zmesh_wireguard_sent_bytes_total", {"network": NETWORK})
+                totals[node.node_id] = (rx or 0, tx or 0)
+            if all(rx > 0 and tx > 0 for rx, tx in totals.values()) or time.monotonic() > deadline:
+                break
+            await self.sleep(0.3)
+        self.report.append("  Per node, as exported on each agent's /metrics "
+                    "(zmesh_wireguard_{received,sent}_bytes_total):")
+        rows = [[n, human_bytes(rx), human_bytes(tx)] for n, (rx, tx) in totals.items()]
+        self.report += table(["node", "received", "sent"], rows)
+        no_handshake = [f"{r[0]}->{r[2]}" for r in peer_rows if r[4] == "never"]
+        if no_handshake:
+            raise DemoFailed(f"no WireGuard handshake yet on {', '.join(no_handshake)}")
+        quiet = [n for n, (rx, tx) in totals.items() if not (rx > 0 and tx > 0)]
+        if quiet:
+            raise DemoFailed(f"no WireGuard traffic counted on {', '.join(quiet)}")
+        return (f"Traffic crossed WireGuard: {len(peer_rows)} tunnels with a handshake, "
+                "bytes counted on every node")
+
+    async def keep(self) -> None:
+        w = self.world
+        first = WORKLOADS[0][0]
+        other = WORKLOADS[1][0]
+        etcd_opt = f"--etcd {','.join(self.endpoints)}" + (f" --prefix {self.prefix}" if self.prefix != "/zmesh/" else "")
+        self.p.line()
+        self.p.line(f"The world is kept running (--keep). Namespaces: {', '.join(sorted(w._namespaces))}")
+        self.p.line(f"  try: ip netns exec {self.workload_ns[first]} ping {self.workload_ip[other]}")
+        self.p.line(f"       zmesh {etcd_opt} describe network {NETWORK}")
+        self.p.line(f"       curl -s 127.0.0.1:{next(iter(w.nodes.values())).metrics_port}/metrics")
+        self.p.line("Press Ctrl-C to clean up.")
+        await self.stop.wait()
+
+    # --- failure details and clean-up -----------------------------------------------------------
+
+    def last_log_line(self, node_id: str) -> str:
+        lines = [l for l in self.world.agent_log(node_id).splitlines() if l.strip()]
+        return lines[-1] if lines else "(no log output)"
+
+    def show_agent_problems(self) -> None:
+        """The agents' logs go with the temp dir: show their last warnings before that."""
+        if self.world is None:
+            return
+        for node_id in self.world.nodes:
+            bad = [l for l in self.world.agent_log(node_id).splitlines()
+                   if " WARNING " in l or " ERROR " in l or "Traceback" in l]
+            for line in bad[-3:]:
+                print(f"  agent {node_id}: {line}", file=sys.stderr)
+
+    async def cleanup(self) -> None:
+        """Every part runs even if another fails; repeated signals do not interrupt it."""
+        async with self.p.step("Cleaning up") as result:
+            done, errors = [], []
+            if self.world is not None:
+                try:
+                    await self.world.close()
+                    done.append(f"agents stopped, namespaces and wireguard-go processes of world "
+                                f"{self.world.id} removed")
+                except Exception as e:
+                    errors.append(f"removing world {self.world.id}: {e}")
+            if self.store is not None:
+                if self.etcd is None:  # a user's etcd: remove our private prefix, nothing else
+                    try:
+                        await asyncio.wait_for(self.store.delete(self.prefix, prefix=True), 10)
+                        done.append(f"prefix {self.prefix} deleted")
+                    except Exception as e:
+                        errors.append(f"deleting prefix {self.prefix}: {e}")
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.store.close(), 5)
+            if self.etcd is not None:
+                try:
+                    self.etcd.close()
+                    done.append("etcd stopped and its data removed")
+                except Exception as e:
+                    errors.append(f"stopping etcd pid {self.etcd.pid}: {e}")
+            errors += [f"left behind {x}" for x in self.leftovers()]
+            if errors:
+                raise DemoFailed("; ".join(errors))
+            result.append("Cleaned up: " + "; ".join(done or ["nothing was started"]))
+
+    def leftovers(self) -> list[str]:
+        if self.world is None:
+            return []
+        out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        ours = [line.split()[0] for line in out.splitlines() if line.strip()
+                and line.split()[0].startswith(self.world.id)]
+        # Every wireguard-go of the world listens on a UAPI socket named after its interface.
+        sockets = sorted(p.name for p in Path("/var/run/wireguard").glob(f"{self.world.id}*.sock"))
+        return [f"netns {n}" for n in ours] + [f"wireguard-go socket {s}" for s in sockets]
+
+
+def _ready(conditions) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in conditions)
+
+
+def preflight() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (it creates network namespaces): run it with sudo"
+    for tool in ("ip", "ping"):
+        if shutil.which(tool) is None:
+            return f"{tool} not found: install iproute2 and iputils-ping"
+    return None
+
+
+async def run_demo(args) -> int:
+    problem = preflight()
+    if problem:
+        print(f"zmesh: demo {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    demo = Demo(args)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, demo.on_signal, sig)
+    try:
+        return await demo.run()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+__all__ = ["run_demo", "Demo", "Progress", "table"]
