@@ -22,6 +22,7 @@ from controller.models.resources import Metadata, Node, NodeSpec
 from controller.planner import names
 from controller.planner.plan import NodeContext
 from controller.store.client import EtcdStore
+from controller.store.indexer import Indexer
 
 from .config import AgentConfig
 from .queue import WorkQueue
@@ -56,6 +57,9 @@ class Agent:
         self.wireguard = select_backend(str(config.state_dir), config.host_netns, self.links)
         self.http = HttpServer(self.metrics.registry, self.readiness, config.metrics_host, config.metrics_port)
         self.reconciler: Reconciler | None = None
+        # Every agent campaigns; the one leader keeps the node index right for specs written
+        # by hand with etcdctl (the CLI writes index and spec in one transaction itself).
+        self.indexer = Indexer(self.store, identity=config.node_id)
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
@@ -94,6 +98,7 @@ class Agent:
         registration = None
         try:
             await self.scope.start()
+            await self.indexer.start()
             self._spawn(self.queue.run(self._work), "workqueue")
             self._spawn(self._resync_loop(), "resync")
             self._spawn(self._readiness_loop(), "readiness")
@@ -105,6 +110,7 @@ class Agent:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.indexer.stop()
             if registration is not None:
                 await registration.stop(revoke=False)
             await self.scope.stop()

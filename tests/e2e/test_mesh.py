@@ -13,6 +13,7 @@ import time
 import pytest
 from meshlib import RESYNC, network_manifest, wait_until, workload_manifest
 
+from controller.models.manifest import split_documents
 from controller.sim.world import netns_exec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.etcd]
@@ -309,3 +310,20 @@ async def test_a_malformed_spec_written_by_hand_hurts_no_other_network(mesh):
     assert mesh.netns_inode(bad_nr) == bad_inode and mesh.wg_pid("n1", "later-bad") == bad_pid
     for n in ("n1", "n2"):
         assert mesh.world.nodes[n].agent.poll() is None  # the agents did not crash
+
+
+async def test_a_network_written_with_plain_etcdctl_is_built_like_one_from_the_cli(mesh):
+    mesh.start("n1", "n2")
+    manifest = network_manifest("handmade", {"n1": SUBNETS["n1"], "n2": SUBNETS["n2"]})
+    manifest += "".join(workload_manifest(w, "handmade", NODE_OF[w], mesh.add_workload_ns(w), IPS[w])
+                        for w in ("w1", "w2"))
+    # No index entries, no CLI: just the documented keys and JSON values.
+    for doc in split_documents(manifest):
+        kind, name = doc.data["kind"], doc.data["metadata"]["name"]
+        key = f"/zmesh/v1/{kind.lower()}s/{name}"
+        mesh.etcdctl("put", key, json.dumps(doc.data))
+
+    mesh.wait_mesh({w: IPS[w] for w in ("w1", "w2")}, timeout=30)
+    shown = json.loads(mesh.zmesh("get", "networks", "handmade", "-o", "json").stdout)
+    assert shown["spec"]["resources"] == [{"node": "n1", "subnet": "10.1.1.0/24"},
+                                          {"node": "n2", "subnet": "10.1.2.0/24"}]
