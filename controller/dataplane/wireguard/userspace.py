@@ -113,9 +113,9 @@ class UserspaceBackend(WireGuardBackend):
     async def device_alive(self, ifname: str, netns: str) -> bool:
         if self.pid(ifname) is None or not netns_exists(netns):
             return False
-        try:
-            await uapi.request(ifname, "get=1\n", timeout=1.0)
-        except WireGuardError:
+        # connect only: a get=1 of a big device costs ms and configure() does one anyway (a hung
+        # daemon then fails there, and the next resync finds it dead or kills it by timeout)
+        if not await self._socket_accepts(ifname):
             return False
         st = await self.links.observe(netns, sysctls=False)
         return st is not None and st.link(ifname) is not None
@@ -151,29 +151,29 @@ class UserspaceBackend(WireGuardBackend):
             )
         self._children[ifname] = proc
         self.starts += 1
+        # record at once (the start time survives nsenter's exec): if the agent dies before the
+        # socket is up, the next one still finds, verifies and stops this process
+        tmp = self._pidfile(ifname) + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{proc.pid} {_proc_start_time(proc.pid)}\n")
+        os.replace(tmp, self._pidfile(ifname))
         deadline = time.monotonic() + self.start_timeout
-        start = None
         while True:
             if proc.poll() is not None:
+                os.unlink(self._pidfile(ifname))
                 raise WireGuardError(
                     f"wireguard-go {ifname} exited with {proc.returncode}: {self._log_tail(logpath)}"
                 )
-            if start is None:
-                start = _proc_start_time(proc.pid) if _is_wireguard_go(proc.pid, ifname) else None
-            if start is not None and os.path.exists(uapi.socket_path(ifname)):
+            if self.pid(ifname) is not None and os.path.exists(uapi.socket_path(ifname)):
                 try:
                     await uapi.request(ifname, "get=1\n", timeout=1.0)
                     break
                 except WireGuardError:
                     pass
             if time.monotonic() > deadline:
-                self._kill(proc.pid)
+                await self._stop(ifname)
                 raise WireGuardError(f"wireguard-go {ifname} did not open its UAPI socket")
             await asyncio.sleep(0.005)
-        tmp = self._pidfile(ifname) + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{proc.pid} {start}\n")
-        os.replace(tmp, self._pidfile(ifname))
         log.info("started wireguard-go %s (pid %d)", ifname, proc.pid)
 
     @staticmethod
@@ -224,6 +224,15 @@ class UserspaceBackend(WireGuardBackend):
         except FileNotFoundError:
             pass
         return removed
+
+    @staticmethod
+    async def _socket_accepts(ifname: str) -> bool:
+        try:
+            _, w = await asyncio.open_unix_connection(uapi.socket_path(ifname))
+        except OSError:
+            return False
+        w.close()
+        return True
 
     @staticmethod
     async def _socket_answers(ifname: str) -> bool:
