@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from controller.models.manifest import ManifestError, parse_object, split_documents, to_json
-from controller.models.resources import Network, Workload
-from controller.models.validation import workload_problems, unknown_nodes
+from controller.models.resources import Network, PortRange, Workload
+from controller.models.validation import unknown_nodes, workload_problems
 from controller.reconciler.config import (
     DEFAULT_METRICS_ADDR,
     DEFAULT_PREFIX,
@@ -29,12 +29,11 @@ from controller.reconciler.config import (
     parse_node_id,
     split_endpoints,
 )
-from controller.models.resources import PortRange
 
 from . import output
 from .store import StoreView, cannot_reach, is_store_error, open_store
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_ERROR = 0, 1  # argparse exits 2 on usage errors
 
 # `get`/`delete` accept kubectl-style singular, plural and short kind names.
 KIND_ALIASES = {
