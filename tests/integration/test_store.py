@@ -244,3 +244,20 @@ async def test_too_many_nodes_for_one_transaction_is_a_clear_error(store):
     with pytest.raises(Exception, match="max-txn-ops"):
         await store.apply(wide_network("huge", 200))
     assert await store.get_object("Network", "huge") is None  # nothing half-written
+
+
+async def test_etcdctl_put_is_read_like_the_cli(etcd, store, tmp_path):
+    # The documented hand-written path, with the real etcdctl (exec'd: safe beside gRPC threads).
+    manifest = tmp_path / "net.yaml"
+    manifest.write_text(yaml.safe_dump(json.loads(to_json(network("from-etcdctl")))))
+    key = store.layout.network("from-etcdctl")
+    proc = await asyncio.create_subprocess_exec(
+        "etcdctl", f"--endpoints={etcd.client_url}", "put", key, manifest.read_text(),
+        env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, out
+    got = await store.get_object("Network", "from-etcdctl")
+    assert to_json(got) == to_json(network("from-etcdctl"))
+    assert got.metadata.generation == (await store.get(key)).mod_revision
