@@ -37,7 +37,7 @@ def split_documents(text: str, source: str = "<input>") -> list[Document]:
     docs: list[Document] = []
     for n, d in enumerate(raw, 1):
         items = d if isinstance(d, list) else d.get("items") if isinstance(d, dict) and d.get("kind") == "List" else None
-        if items is not None:
+        if isinstance(items, list):  # a string or mapping under `items` is one (bad) document
             for m, item in enumerate(items, 1):
                 docs.append(Document(f"{source}#{n}.{m}", item))
         else:

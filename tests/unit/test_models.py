@@ -436,6 +436,13 @@ def test_a_json_list_and_a_kind_list_are_several_documents():
     assert len(as_kind_list) == 1
 
 
+def test_a_kind_list_whose_items_are_not_a_list_is_one_bad_document():
+    docs = split_documents('{"kind": "List", "items": "abc"}', "f")
+    assert len(docs) == 1
+    with pytest.raises(ManifestError, match="kind 'List' is not one of"):
+        parse_object(docs[0].data, docs[0].where)
+
+
 @pytest.mark.parametrize("text", ['{"kind": "Network", ', "a: b: c", "key: [unclosed", "\t- x"])
 def test_malformed_text_is_one_clear_problem(text):
     with pytest.raises(ManifestError) as e:
