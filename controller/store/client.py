@@ -501,7 +501,10 @@ class EtcdStore:
         async def open_stream(client):
             # One stream per watch (not aetcd's shared one): a broken or compacted watch then
             # fails alone and cleanly.
-            call = rpc.WatchStub(client.channel).Watch(metadata=self._md(client))
+            # hasleader: a member cut off from its cluster's leader cancels the watch instead
+            # of leaving it silently stale.
+            md = tuple(self._md(client) or ()) + (("hasleader", "true"),)
+            call = rpc.WatchStub(client.channel).Watch(metadata=md)
             await call.write(rpc.WatchRequest(create_request=create))
             resp = await asyncio.wait_for(call.read(), self.timeout)
             if resp is grpc.aio.EOF:

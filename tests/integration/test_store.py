@@ -261,3 +261,14 @@ async def test_etcdctl_put_is_read_like_the_cli(etcd, store, tmp_path):
     got = await store.get_object("Network", "from-etcdctl")
     assert to_json(got) == to_json(network("from-etcdctl"))
     assert got.metadata.generation == (await store.get(key)).mod_revision
+
+
+async def test_failover_when_the_endpoint_in_use_dies(etcd, etcd_proxy):
+    # First endpoint: a proxy we can cut while connected; second: etcd itself.
+    async with EtcdStore([etcd_proxy.endpoint, etcd.endpoint], timeout=2.0) as s:
+        await s.put("/mid/a", "1")
+        assert s.endpoint.port == etcd_proxy.port
+        await etcd_proxy.cut()
+        await s.put("/mid/a", "2")
+        assert s.endpoint.port == etcd.client_port
+        assert (await s.get("/mid/a")).value == b"2"
