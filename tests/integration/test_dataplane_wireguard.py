@@ -29,6 +29,10 @@ async def test_ping_across_and_counters(world):
     before = peer.rx_bytes
     assert await ping(wa.netns, wb.address.ip, count=2)
     assert (await a.backend.get(a.wg, a.nr_ns)).peers[b.keys[1]].rx_bytes > before
+    # the MTU of wireguard-go's TUN is set like any link's, and traffic keeps flowing
+    assert await world.links.ensure_link(a.nr_ns, a.wg, mtu=1380) == 1
+    assert (await world.links.observe(a.nr_ns)).link(a.wg).mtu == 1380
+    assert await ping(wa.netns, wb.address.ip, count=1)
 
 
 async def test_second_converge_writes_nothing(world):
