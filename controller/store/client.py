@@ -362,6 +362,13 @@ class EtcdStore:
                         client = await self._connected()
                         return await fn(client)
                     except grpc.aio.AioRpcError as e:
+                        if e.code() == grpc.StatusCode.UNAUTHENTICATED and self._username and "token" in (e.details() or ""):
+                            # etcd's auth tokens expire; a new connection authenticates again.
+                            last = f"{e.code().name}: {e.details()}"
+                            async with self._client_lock:
+                                if self._client is client:
+                                    await self._drop_client()
+                            raise _Retry() from None
                         if e.code() not in _CONNECTION_CODES:
                             raise _rpc_error(e, what) from None
                         last = f"{e.code().name}: {e.details()}"
@@ -577,6 +584,9 @@ class EtcdStore:
 
     def spawn(self, coro, name: str) -> asyncio.Task:
         """A background task owned by the store: cancelled on close; a crash is logged."""
+        if self._closed:
+            coro.close()
+            raise StoreError("the store is closed")
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
 

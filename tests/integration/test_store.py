@@ -16,6 +16,7 @@ from controller.store.client import (
     EtcdStore,
     Get,
     Put,
+    StoreError,
     StoreUnavailable,
     absent,
     mod_revision_is,
@@ -272,3 +273,23 @@ async def test_failover_when_the_endpoint_in_use_dies(etcd, etcd_proxy):
         await s.put("/mid/a", "2")
         assert s.endpoint.port == etcd.client_port
         assert (await s.get("/mid/a")).value == b"2"
+
+
+async def test_username_and_password_are_passed_through(etcd):
+    env = {"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"}
+    for args in (["user", "add", "root:s3cret"], ["auth", "enable"]):
+        proc = await asyncio.create_subprocess_exec(
+            "etcdctl", f"--endpoints={etcd.client_url}", *args, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0, out
+    async with EtcdStore(etcd.endpoints, username="root", password="s3cret", timeout=2.0) as s:
+        await s.put("/auth/a", "1")
+        assert (await s.get("/auth/a")).value == b"1"
+    async with EtcdStore(etcd.endpoints, timeout=2.0) as s:
+        with pytest.raises(StoreError, match="user name is empty|permission denied|auth"):
+            await s.get("/auth/a")
+    async with EtcdStore(etcd.endpoints, username="root", password="wrong", timeout=2.0) as s:
+        with pytest.raises(StoreError) as e:
+            await s.get("/auth/a")
+        assert "wrong" not in str(e.value)  # never echo a password
