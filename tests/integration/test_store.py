@@ -26,6 +26,17 @@ from controller.store.client import (
 pytestmark = pytest.mark.etcd
 
 
+async def etcdctl(etcd, *args: str) -> str:
+    """The real etcdctl, exec'd (no bare fork beside gRPC threads, design.md 5b)."""
+    proc = await asyncio.create_subprocess_exec(
+        "etcdctl", f"--endpoints={etcd.client_url}", *args, env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, out
+    return out.decode()
+
+
 async def keys(store, prefix) -> list[str]:
     return [e.key for e in (await store.list_prefix(prefix))[0]]
 
@@ -252,13 +263,7 @@ async def test_etcdctl_put_is_read_like_the_cli(etcd, store, tmp_path):
     manifest = tmp_path / "net.yaml"
     manifest.write_text(yaml.safe_dump(json.loads(to_json(network("from-etcdctl")))))
     key = store.layout.network("from-etcdctl")
-    proc = await asyncio.create_subprocess_exec(
-        "etcdctl", f"--endpoints={etcd.client_url}", "put", key, manifest.read_text(),
-        env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await proc.communicate()
-    assert proc.returncode == 0, out
+    await etcdctl(etcd, "put", key, manifest.read_text())
     got = await store.get_object("Network", "from-etcdctl")
     assert to_json(got) == to_json(network("from-etcdctl"))
     assert got.metadata.generation == (await store.get(key)).mod_revision
@@ -276,13 +281,8 @@ async def test_failover_when_the_endpoint_in_use_dies(etcd, etcd_proxy):
 
 
 async def test_username_and_password_are_passed_through(etcd):
-    env = {"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"}
-    for args in (["user", "add", "root:s3cret"], ["auth", "enable"]):
-        proc = await asyncio.create_subprocess_exec(
-            "etcdctl", f"--endpoints={etcd.client_url}", *args, env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        out, _ = await proc.communicate()
-        assert proc.returncode == 0, out
+    await etcdctl(etcd, "user", "add", "root:s3cret")
+    await etcdctl(etcd, "auth", "enable")
     async with EtcdStore(etcd.endpoints, username="root", password="s3cret", timeout=2.0) as s:
         await s.put("/auth/a", "1")
         assert (await s.get("/auth/a")).value == b"1"
