@@ -115,7 +115,7 @@ async def _get_link(ipr, name: str) -> LinkState:
 
 
 async def _dump(ipr, what: str, **kw) -> list:
-    return [m async for m in await getattr(ipr, what)("dump", **kw)]
+    return await getattr(ipr, what)("dump", **kw)
 
 
 async def observe_netns(

@@ -146,14 +146,50 @@ async def sysctl_set(ref: str | None, key: str, value: str) -> bool:
     return await run_in_netns(ref, write)
 
 
-async def open_iproute(ref: str | None) -> AsyncIPRoute:
+class Netlink:
+    """An AsyncIPRoute whose requests are serialized.
+
+    The kernel runs one dump at a time per netlink socket (a second concurrent one fails with
+    EBUSY), and the reconciler's workers share a namespace's socket (the host's, at least). So
+    every request holds the lock until its answer is fully read; a dump returns a list.
+    """
+
+    def __init__(self, ipr: AsyncIPRoute) -> None:
+        self.ipr = ipr
+        self._lock = asyncio.Lock()
+
+    async def _call(self, _method: str, _command: str, **kw):
+        async with self._lock:
+            res = await getattr(self.ipr, _method)(_command, **kw)
+            if _command == "dump":
+                res = [m async for m in res]
+            return res
+
+    async def link(self, command: str, **kw):
+        return await self._call("link", command, **kw)
+
+    async def addr(self, command: str, **kw):
+        return await self._call("addr", command, **kw)
+
+    async def route(self, command: str, **kw):
+        return await self._call("route", command, **kw)
+
+    async def link_lookup(self, **kw) -> list[int]:
+        async with self._lock:
+            return await self.ipr.link_lookup(**kw)
+
+    def close(self) -> None:
+        self.ipr.close()
+
+
+async def open_iproute(ref: str | None) -> Netlink:
     """A new rtnetlink socket inside `ref` (the caller closes it)."""
     sock = await asyncio.get_running_loop().run_in_executor(
         None, open_socket_in, ref, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE
     )
     ipr = AsyncIPRoute(fileno=sock.detach())
     await ipr.setup_endpoint()
-    return ipr
+    return Netlink(ipr)
 
 
 @contextlib.asynccontextmanager
@@ -168,7 +204,7 @@ async def transient_iproute(ref: str | None):
 
 
 class NetlinkPool:
-    """One rtnetlink socket (AsyncIPRoute) per namespace, reopened when the namespace changes.
+    """One rtnetlink socket (a serialized AsyncIPRoute) per namespace, reopened when the namespace changes.
 
     A cached socket pins its namespace: a deleted namespace lives on (with its veths) while a
     socket into it is open, so `forget(ref)` must be called before or after deleting one
@@ -176,10 +212,10 @@ class NetlinkPool:
     """
 
     def __init__(self) -> None:
-        self._socks: dict[str | None, tuple[tuple[int, int], AsyncIPRoute]] = {}
+        self._socks: dict[str | None, tuple[tuple[int, int], Netlink]] = {}
         self._lock = asyncio.Lock()
 
-    async def get(self, ref: str | None) -> AsyncIPRoute:
+    async def get(self, ref: str | None) -> Netlink:
         """The cached socket into `ref`; FileNotFoundError (and the cache dropped) if it is gone."""
         try:
             ident = _identity(ref)

@@ -135,6 +135,8 @@ class KernelBackend(WireGuardBackend):
         self.links = links or Links()
         self._own_links = links is None
         self._genl: dict[str, AsyncWireGuard] = {}
+        # one request at a time per socket (a concurrent dump fails with EBUSY)
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def _wg(self, netns: str) -> AsyncWireGuard:
         # a generic netlink socket resolves ifnames in its own namespace: one per NR
@@ -149,6 +151,7 @@ class KernelBackend(WireGuardBackend):
         return sock
 
     def _forget(self, netns: str) -> None:
+        self._locks.pop(netns, None)
         s = self._genl.pop(netns, None)
         if s is not None:
             s.close()
@@ -186,6 +189,10 @@ class KernelBackend(WireGuardBackend):
         return []  # kernel devices live and die with their NR namespace: GC the namespaces
 
     async def get(self, ifname: str, netns: str) -> DeviceState:
+        async with self._locks.setdefault(netns, asyncio.Lock()):
+            return await self._get(ifname, netns)
+
+    async def _get(self, ifname: str, netns: str) -> DeviceState:
         try:
             msgs = await (await self._wg(netns)).info(ifname)
             msgs = [m async for m in msgs] if hasattr(msgs, "__aiter__") else list(msgs)
@@ -198,6 +205,10 @@ class KernelBackend(WireGuardBackend):
         """All of `ops` in one WG_CMD_SET_DEVICE message."""
         if not ops:
             return
+        async with self._locks.setdefault(netns, asyncio.Lock()):
+            await self._apply(ifname, netns, ops)
+
+    async def _apply(self, ifname: str, netns: str, ops: DeviceOps) -> None:
         wg = await self._wg(netns)
         msg = set_message(ifname, ops)
         msg["header"]["type"] = wg.prid
