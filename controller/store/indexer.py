@@ -198,7 +198,14 @@ class Indexer(Service):
                 specs = {**caches[0].items, **caches[1].items}
                 only = None if "*" in dirty else dirty
                 for r in plan_repairs(self.store, specs, caches[2].items.keys(), only):
-                    if await apply_repair(self.store, r):
+                    try:
+                        ok = await apply_repair(self.store, r)
+                    except StoreError as e:  # keep the leadership; try this one again soon
+                        log.warning("indexer: cannot repair %s yet: %s", r.spec_key, e)
+                        self._dirty.add(r.spec_key)
+                        asyncio.get_running_loop().call_later(1.0, self._wake.set)
+                        continue
+                    if ok:
                         self.repairs += 1
                         log.info("indexer: repaired the index of %s (+%d -%d)", r.spec_key, len(r.add), len(r.remove))
         finally:

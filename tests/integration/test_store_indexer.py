@@ -9,6 +9,7 @@ import pytest
 from store_objects import network, workload
 
 from controller.models.manifest import to_json
+from controller.store.client import EtcdStore
 from controller.store.indexer import Indexer, repair_index
 
 pytestmark = pytest.mark.etcd
@@ -49,7 +50,7 @@ async def test_leader_repairs_and_hands_over(store):
     a = Indexer(store, "agent-a", ttl=2, debounce=0.01)
     b = Indexer(store, "agent-b", ttl=2, debounce=0.01)
     async with a, b:
-        await asyncio.wait_for(_either(a, b), 10)
+        await asyncio.wait_for(_until(lambda: a.leading.is_set() or b.leading.is_set()), 10)
         leader, other = (a, b) if a.leading.is_set() else (b, a)
         assert not other.leading.is_set()
         assert (await store.get(lay.leader("indexer"))).value.decode() == leader.identity
@@ -73,6 +74,23 @@ async def test_leader_repairs_and_hands_over(store):
     assert await store.get(lay.leader("indexer")) is None
 
 
-async def _either(a: Indexer, b: Indexer) -> None:
-    while not (a.leading.is_set() or b.leading.is_set()):
+async def test_leader_cut_off_from_etcd_is_replaced(etcd, etcd_proxy, store):
+    lay = store.layout
+    async with EtcdStore([etcd_proxy.endpoint], timeout=1.0) as cut_off_store:
+        a = Indexer(cut_off_store, "agent-a", ttl=2, debounce=0.01)
+        async with a:
+            await asyncio.wait_for(a.leading.wait(), 10)
+            b = Indexer(store, "agent-b", ttl=2, debounce=0.01)
+            async with b:
+                await asyncio.sleep(0.5)
+                assert not b.leading.is_set()
+                await etcd_proxy.cut()  # a can no longer keep its lease: it expires
+                await asyncio.wait_for(b.leading.wait(), 10)
+                await asyncio.wait_for(_until(lambda: not a.leading.is_set()), 10)  # a steps down
+                await store.put(lay.network("n1"), to_json(network("n1", nodes=("x",))))
+                await wait_index(store, [lay.index_network("x", "n1")])
+
+
+async def _until(cond) -> None:
+    while not cond():
         await asyncio.sleep(0.02)
