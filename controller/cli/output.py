@@ -138,7 +138,7 @@ def describe_network(view: NetworkView, nodes: dict[str, NodeView]) -> str:
         f"Name:         {n.name}",
         f"Generation:   {n.metadata.generation or '-'}",
         f"IP range:     {s.ipRange}",
-        f"Aggregators:  {', '.join(s.aggregators) or '(automatic: any live public node)'}",
+        f"Aggregators:  {', '.join(s.aggregators) or '(none: hidden nodes of this network get no peers)'}",
         f"Egress:       {s.egress or '(every NR exits locally)'}",
         f"Ready:        {view.ready_count}/{len(s.nodes)} network resources",
     ]
