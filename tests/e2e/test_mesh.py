@@ -327,3 +327,28 @@ async def test_a_network_written_with_plain_etcdctl_is_built_like_one_from_the_c
     shown = json.loads(mesh.zmesh("get", "networks", "handmade", "-o", "json").stdout)
     assert shown["spec"]["resources"] == [{"node": "n1", "subnet": "10.1.1.0/24"},
                                           {"node": "n2", "subnet": "10.1.2.0/24"}]
+
+
+async def test_with_etcd_down_the_dataplane_keeps_forwarding_and_is_still_repaired(mesh):
+    mesh.start("n1", "n2")
+    manifest = network_manifest("blue", {"n1": SUBNETS["n1"], "n2": SUBNETS["n2"]})
+    manifest += "".join(workload_manifest(w, "blue", NODE_OF[w], mesh.add_workload_ns(w), IPS[w]) for w in ("w1", "w2"))
+    mesh.apply(manifest)
+    two = {w: IPS[w] for w in ("w1", "w2")}
+    mesh.wait_mesh(two)
+
+    mesh.etcd.kill()  # as a crash would
+    try:
+        time.sleep(RESYNC * 2)
+        assert all(mesh.matrix(two).values())  # nothing was torn down
+        pid = mesh.wg_pid("n1", "blue")
+        os.kill(pid, signal.SIGKILL)
+        # Repaired from the last known desired state, without etcd.
+        mesh.wait_mesh(two, timeout=RESYNC + 15)
+        assert mesh.wg_pid("n1", "blue") not in (None, pid)
+    finally:
+        mesh.etcd.start()
+    # Back in touch: a change made now still reaches the agents.
+    mesh.zmesh("delete", "workload", "w2")
+    wait_until(lambda: "eth0" not in mesh.links(mesh.workload_ns("w2")), 30, what="w2 detached after etcd came back")
+    assert all(mesh.world.nodes[n].agent.poll() is None for n in ("n1", "n2"))
