@@ -20,7 +20,6 @@ from controller.store.client import (
     StoreUnavailable,
     absent,
     mod_revision_is,
-    parse_endpoint,
 )
 
 pytestmark = pytest.mark.etcd
@@ -39,15 +38,6 @@ async def etcdctl(etcd, *args: str) -> str:
 
 async def keys(store, prefix) -> list[str]:
     return [e.key for e in (await store.list_prefix(prefix))[0]]
-
-
-def test_parse_endpoint():
-    assert str(parse_endpoint("127.0.0.1:2379")) == "http://127.0.0.1:2379"
-    assert str(parse_endpoint("http://10.0.0.1:2380")) == "http://10.0.0.1:2380"
-    assert parse_endpoint("etcd.example").port == 2379
-    assert parse_endpoint("[::1]:23").host == "::1"
-    with pytest.raises(ValueError):
-        parse_endpoint("ftp://x:1")
 
 
 async def test_raw_ops(store):
