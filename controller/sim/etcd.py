@@ -64,9 +64,9 @@ class EmbeddedEtcd:
         self.base_dir = data_dir or tempfile.mkdtemp(prefix="zmesh-etcd-")
         self.data_dir = os.path.join(self.base_dir, "data")
         self.log_path = os.path.join(self.base_dir, "etcd.log")
-        self.client_port = free_port(host)
-        self.peer_port = free_port(host)
+        self._pick_ports()
         self.proc: subprocess.Popen | None = None
+        self._started_once = False
         atexit.register(self.close)
 
     # --- addresses --------------------------------------------------------------------------
@@ -92,9 +92,29 @@ class EmbeddedEtcd:
 
     # --- lifecycle --------------------------------------------------------------------------
 
+    def _pick_ports(self) -> None:
+        self.client_port = free_port(self.host)
+        self.peer_port = free_port(self.host)
+        while self.peer_port == self.client_port:
+            self.peer_port = free_port(self.host)
+
     def start(self) -> "EmbeddedEtcd":
         if self.running():
             return self
+        for attempt in range(3):
+            try:
+                self._start()
+                self._started_once = True
+                return self
+            except EtcdStartError as e:
+                # A port picked as free was taken meanwhile: new ports, but only before the first
+                # start (a restart must keep its address for the clients).
+                if self._started_once or "address already in use" not in str(e) or attempt == 2:
+                    raise
+                self._pick_ports()
+        return self
+
+    def _start(self) -> None:
         peer = f"http://{self.host}:{self.peer_port}"
         args = [
             self.binary,
@@ -125,7 +145,6 @@ class EmbeddedEtcd:
         except BaseException:
             self.stop()
             raise
-        return self
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
