@@ -42,6 +42,7 @@ def allocate_workload_ips(
     subnet: ipaddress.IPv4Network,
     workloads: Sequence[Workload],
     previous: Mapping[str, ipaddress.IPv4Address],
+    reserved: Mapping[str, ipaddress.IPv4Address] | None = None,
 ) -> tuple[dict[str, ipaddress.IPv4Address], dict[str, str]]:
     """Addresses for the workloads of one NR: (name -> ip, name -> problem).
 
@@ -52,10 +53,12 @@ def allocate_workload_ips(
        explicit choice wins over an automatic one) or by an earlier-named workload;
     3. everything else gets the lowest free host (never network, gateway or broadcast address).
     A workload that cannot get an address is reported in the problems, never raised.
+    `reserved` (name -> ip) are addresses still in use by workloads not in `workloads` (e.g. one
+    whose spec became unreadable and stays attached as it was): nobody else gets them.
     """
     allocated: dict[str, ipaddress.IPv4Address] = {}
     problems: dict[str, str] = {}
-    owner: dict[ipaddress.IPv4Address, str] = {}
+    owner: dict[ipaddress.IPv4Address, str] = {ip: name for name, ip in (reserved or {}).items()}
     by_name = sorted(workloads, key=lambda w: w.name)
 
     fixed = [w for w in by_name if w.spec.ip is not None]

@@ -95,14 +95,14 @@ class Agent:
             ctx=ctx, store=self.store, scope=self.scope, links=self.links, wireguard=self.wireguard,
             keys=KeyStore(str(cfg.state_dir)), state=self.state, port_range=cfg.listen_port_range,
             metrics=self.metrics)
-        registration = None
+        self.registration = None
         try:
             await self.scope.start()
             await self.indexer.start()
             self._spawn(self.queue.run(self._work), "workqueue")
             self._spawn(self._resync_loop(), "resync")
             self._spawn(self._readiness_loop(), "readiness")
-            registration = await self._register()
+            self._spawn(self._register(), "register")
             await self._stopping.wait()
         finally:
             log.info("node %s: stopping (dataplane stays up)", cfg.node_id)
@@ -111,8 +111,8 @@ class Agent:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self.indexer.stop()
-            if registration is not None:
-                await registration.stop(revoke=False)
+            if self.registration is not None:
+                await self.registration.stop(revoke=False)
             await self.scope.stop()
             await self.store.close()
             await self.wireguard.close()
@@ -129,7 +129,8 @@ class Agent:
         delay = 0.2
         while True:
             try:
-                return await self.store.register_node(node, ttl=LEASE_TTL)
+                self.registration = await self.store.register_node(node, ttl=LEASE_TTL)
+                return
             except Exception as e:  # StoreUnavailable and friends: keep trying
                 log.warning("cannot register node %s yet: %s", cfg.node_id, e)
                 await asyncio.sleep(delay)

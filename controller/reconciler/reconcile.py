@@ -115,19 +115,21 @@ class Reconciler:
             await self._publish(network, None, None, [("Ready", "False", "PortsExhausted", str(e))])
             return Outcome("invalid")
         workloads, broken = self.scope.workloads_of(name)
-        for wname, problem in broken.items():
-            log.warning("workload %s has a malformed spec, not attached: %s", wname, problem)
+        await self._publish_broken_workloads(broken)
         previous = record.workloads if record else {}
-        allocations, ip_problems = allocate_workload_ips(own.subnet, workloads, previous)
+        # A workload whose spec became unreadable stays attached exactly as it was, keeping
+        # its address (bad input never hurts what was running).
+        kept = {w: ip for w, ip in previous.items() if w in broken}
+        allocations, ip_problems = allocate_workload_ips(own.subnet, workloads, previous, reserved=kept)
         # Recorded before anything is created: ownership survives a crash at any later point.
-        self.state.record(name, port, allocations)
+        self.state.record(name, port, {**allocations, **kept})
 
         wg_ifname = names.wg_ifname(self.ctx.name_prefix, name)
         private_key, public_key = self.keys.load_or_create(wg_ifname)
         desired = plan_network(self.ctx, network, self.scope.statuses(name), None, workloads,
                                LocalFacts(public_key, port), allocations)
         await self._apply_nr(desired, private_key)
-        attach_problems = await self._apply_workloads(desired)
+        attach_problems = await self._apply_workloads(desired, keep=set(kept))
 
         problems = [i.message for i in desired.issues]
         problems += [f"workload {w!r}: {p}" for w, p in sorted({**ip_problems, **attach_problems}.items())]
@@ -139,7 +141,7 @@ class Reconciler:
             conditions.append(("Degraded", "False", "AsDesired", ""))
         await self._publish(network, public_key, port, conditions)
         await self._publish_workloads(network, workloads, allocations, {**ip_problems, **attach_problems})
-        await self._forget_stale_workload_statuses(name, {w.name for w in workloads})
+        await self._forget_stale_workload_statuses(name, {w.name for w in workloads} | set(kept))
         self.metrics.wireguard_peers.labels(network=name).set(len(desired.peers))
         if attach_problems:
             return Outcome("pending", WAIT_FOR_NETNS)
@@ -177,11 +179,13 @@ class Reconciler:
         if self.links.writes != writes:
             self.metrics.dataplane_writes.labels(kind="link").inc(self.links.writes - writes)
 
-    async def _apply_workloads(self, desired: DesiredNR) -> dict[str, str]:
-        """Attach every desired workload, detach every other veth of ours; per-workload problems
-        (e.g. its namespace does not exist yet) are returned, never fatal to the others."""
+    async def _apply_workloads(self, desired: DesiredNR, keep: set[str]) -> dict[str, str]:
+        """Attach every desired workload, detach every other veth of ours except those of the
+        workloads in `keep`; per-workload problems (e.g. its namespace does not exist yet) are
+        returned, never fatal to the others."""
         problems: dict[str, str] = {}
         wanted = {a.veth for a in desired.workloads}
+        wanted |= {names.workload_veth(self.ctx.name_prefix, w) for w in keep}
         for a in desired.workloads:
             if not netns_exists(a.netns):
                 problems[a.workload] = f"network namespace {a.netns} does not exist (yet)"
@@ -283,6 +287,20 @@ class Reconciler:
             await self.store.put_status(status)
             self.etcd_writes += 1
             self._published_workloads[w.name] = status.model_dump_json(exclude_none=True).encode()
+
+    async def _publish_broken_workloads(self, broken: dict[str, str]) -> None:
+        """A workload value that does not parse is attached nowhere; say so in its status."""
+        for name, problem in broken.items():
+            key = self.store.layout.workload_status(name)
+            current = await self._current_workload_status(name, key)
+            merged = set_condition(list(current.conditions) if current else [], Condition(
+                type="Ready", status="False", reason="InvalidSpec", message=problem))
+            status = WorkloadStatus(workload=name, node=self.ctx.node_id, conditions=merged,
+                                    ip=current.ip if current else None)
+            if current != status:
+                await self.store.put_status(status)
+                self.etcd_writes += 1
+                self._published_workloads[name] = status.model_dump_json(exclude_none=True).encode()
 
     async def _current_workload_status(self, name: str, key: str) -> WorkloadStatus | None:
         raw = self._published_workloads.get(name)

@@ -15,6 +15,8 @@ import logging
 import random
 from dataclasses import dataclass
 
+from controller.models.manifest import ManifestError, parse_json_value
+
 from .cache import WatchCache
 from .client import KV, Delete, EtcdStore, Put, StoreError, absent, lenient_nodes, mod_revision_is
 from .service import Service
@@ -57,9 +59,22 @@ def plan_repairs(store: EtcdStore, specs: dict[str, KV], index_keys, only: set[s
             if nodes is None:  # unreadable: cannot tell, leave its entries alone
                 continue
             want, rev = store.index_keys(kind, name, nodes), kv.mod_revision
+            if not _valid(kind, spec_key, kv.value):
+                # An invalid value cannot say a node is no longer concerned: add the entries
+                # it names, remove none (that node's agent keeps its last good state and
+                # reports the problem, instead of silently dropping the object).
+                want |= have
         if want != have:
             repairs.append(Repair(spec_key, rev, tuple(sorted(want - have)), tuple(sorted(have - want))))
     return repairs
+
+
+def _valid(kind: str, key: str, raw: bytes) -> bool:
+    try:
+        parse_json_value(raw, key, kinds=(kind,))
+    except ManifestError:
+        return False
+    return True
 
 
 async def apply_repair(store: EtcdStore, r: Repair) -> bool:

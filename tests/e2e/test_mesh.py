@@ -297,15 +297,18 @@ async def test_a_malformed_spec_written_by_hand_hurts_no_other_network(mesh):
     wait_until(lambda: mesh.netns_inode(bad_nr) is not None, 10, what="later-bad's NR")
     bad_inode, bad_pid = mesh.netns_inode(bad_nr), mesh.wg_pid("n1", "later-bad")
 
-    # Overwrite one network with garbage, as a hand-edit with etcdctl would.
+    # Overwrite one network and one workload with garbage, as hand-edits with etcdctl would.
     mesh.etcdctl("put", "/zmesh/v1/networks/later-bad", '{"apiVersion": "zmesh.io/v1", "kind": "Network", oops')
+    mesh.etcdctl("put", "/zmesh/v1/workloads/w2", '{"kind": "Workload", "spec": {"ip": "not-an-ip"}}')
 
-    def reported():
-        raw = mesh.etcdctl("get", "--print-value-only", "/zmesh/v1/status/networks/later-bad/n1").stdout
+    def reported(key):
+        raw = mesh.etcdctl("get", "--print-value-only", key).stdout
         return raw and "InvalidSpec" in raw
-    wait_until(reported, 10, what="InvalidSpec reported in later-bad's status")
+    wait_until(lambda: reported("/zmesh/v1/status/networks/later-bad/n1"), 10, what="later-bad InvalidSpec")
+    wait_until(lambda: reported("/zmesh/v1/status/workloads/w2"), 10, what="w2 InvalidSpec")
     time.sleep(RESYNC * 2)
-    # The other network is untouched and keeps working; the broken one keeps its last good NR.
+    # The other network is untouched and keeps working, the broken workload stays attached as it
+    # was, and the broken network keeps its last good NR.
     assert all(mesh.matrix({w: IPS[w] for w in ("w1", "w2")}).values())
     assert mesh.netns_inode(bad_nr) == bad_inode and mesh.wg_pid("n1", "later-bad") == bad_pid
     for n in ("n1", "n2"):

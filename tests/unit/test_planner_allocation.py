@@ -108,3 +108,11 @@ def test_exhausted_subnet_reports_the_workloads_left_over():
     ips, problems = allocate_workload_ips(SUBNET, many, {})
     assert sorted(ips.values()) == [A(f"10.1.1.{i}") for i in range(2, 7)]
     assert problems == {"w5": "no free address left in 10.1.1.0/29", "w6": "no free address left in 10.1.1.0/29"}
+
+
+def test_reserved_addresses_go_to_nobody_else():
+    kept = {"unreadable": A("10.1.1.2")}
+    got, problems = allocate_workload_ips(N("10.1.1.0/24"), [workload("fresh"), workload("fixed", "10.1.1.2")],
+                                          {}, reserved=kept)
+    assert got == {"fresh": A("10.1.1.3")}
+    assert problems == {"fixed": "ip 10.1.1.2 is already used by workload 'unreadable'"}
