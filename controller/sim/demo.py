@@ -213,6 +213,7 @@ class Demo:
         self.public_keys: dict[str, str] = {}  # base64 key -> node
         self.matrix: dict[tuple[str, str], Probe] = {}
         self.report: list[str] = []  # lines a step shows below its own line
+        self.kept = False
 
     # --- interruption -------------------------------------------------------------------------
 
@@ -281,7 +282,7 @@ class Demo:
                 await self.cleanup()
             except DemoFailed as e:
                 failure = failure or f"clean-up incomplete: {e}"
-        if self.signal is not None:
+        if self.signal is not None and not self.kept:
             self.p.line(f"zmesh: demo interrupted by {signal.Signals(self.signal).name}; "
                         "everything it made was removed")
             return EXIT_SIGTERM if self.signal == signal.SIGTERM else EXIT_SIGINT
@@ -501,6 +502,7 @@ class Demo:
         self.p.line(f"       curl -s 127.0.0.1:{next(iter(w.nodes.values())).metrics_port}/metrics")
         self.p.line("Press Ctrl-C to clean up.")
         await self.stop.wait()
+        self.kept = True  # Ctrl-C is how a kept demo ends: not a failure
 
     # --- failure details and clean-up -----------------------------------------------------------
 
