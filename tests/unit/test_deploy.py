@@ -1,0 +1,210 @@
+"""deploy/ stays true to the code: files parse, every metric the alerts and the dashboard use is
+exported by the agent, the systemd unit and its environment file agree, and the etcd cluster
+configuration uses only options the installed etcd knows (and, with etcd present, forms a
+3-member cluster)."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controller.http.metrics import AgentMetrics
+from controller.sim.etcd import free_port
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
+DASHBOARD = DEPLOY / "grafana" / "zmesh-dashboard.json"
+ETCD_CONF = DEPLOY / "etcd" / "etcd.conf.yml"
+UNIT = DEPLOY / "zmeshd.service"
+ENV_EXAMPLE = DEPLOY / "agent.env.example"
+METRIC = re.compile(r"\b(zmesh_[a-z0-9_]+)")
+SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count", "_created"),
+            "summary": ("", "_sum", "_count", "_created"), "info": ("_info",), "untyped": ("",)}
+
+
+def exported() -> dict[str, str]:
+    """Every sample name the agent can export → its family's help text."""
+    names = {}
+    for family in AgentMetrics("n1", "0").registry.collect():
+        for suffix in SUFFIXES[family.type]:
+            names[family.name + suffix] = family.documentation
+    return names
+
+
+def alert_exprs() -> list[str]:
+    doc = yaml.safe_load(ALERTS.read_text())
+    return [r["expr"] for g in doc["groups"] for r in g["rules"]]
+
+
+def dashboard_exprs() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    exprs += [v["definition"] for v in dash["templating"]["list"] if v.get("type") == "query"]
+    return exprs
+
+
+def test_every_yaml_and_json_file_parses():
+    for path in DEPLOY.rglob("*"):
+        if path.suffix in (".yml", ".yaml"):
+            assert yaml.safe_load(path.read_text()) is not None, path
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("source", ["alerts", "dashboard"])
+def test_metrics_used_exist_in_the_agent(source):
+    exprs = alert_exprs() if source == "alerts" else dashboard_exprs()
+    used = {m for e in exprs for m in METRIC.findall(e)}
+    assert used, f"no zmesh metric found in the {source}"
+    missing = used - set(exported())
+    assert not missing, f"{source} use metrics the agent does not export: {sorted(missing)}"
+
+
+def test_reconcile_results_used_are_the_agents_vocabulary():
+    help_text = exported()["zmesh_reconcile_total"]
+    for expr in alert_exprs() + dashboard_exprs():
+        for values in re.findall(r'result=~?"([^"]+)"', expr):
+            for value in values.split("|"):
+                assert value in help_text, f"result {value!r} is not one the agent reports ({help_text})"
+
+
+def test_alerts_select_the_scrape_job():
+    jobs = {c["job_name"] for c in yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]}
+    for expr in alert_exprs():
+        for job in re.findall(r'job="([^"]+)"', expr):
+            assert job in jobs
+    conf = yaml.safe_load(PROMETHEUS.read_text())
+    assert ALERTS.name in conf["rule_files"]
+    agent_targets = [t for c in conf["scrape_configs"] if c["job_name"] == "zmesh-agent"
+                     for s in c.get("static_configs", []) for t in s["targets"]]
+    assert agent_targets and all(t.endswith(":9477") for t in agent_targets)
+
+
+def test_every_alert_has_severity_and_summary():
+    for group in yaml.safe_load(ALERTS.read_text())["groups"]:
+        for rule in group["rules"]:
+            assert rule["labels"]["severity"] in ("critical", "warning", "info"), rule["alert"]
+            assert rule["annotations"]["summary"], rule["alert"]
+
+
+def test_dashboard_panels_have_unique_ids_and_the_import_datasource():
+    dash = json.loads(DASHBOARD.read_text())
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in dash["panels"]:
+        if p["type"] != "row":
+            assert p["datasource"]["uid"] == "${DS_PROMETHEUS}", p["title"]
+            assert p["targets"], p["title"]
+    assert [i["name"] for i in dash["__inputs"]] == ["DS_PROMETHEUS"]
+
+
+def unit_service() -> configparser.SectionProxy:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # systemd keys are case-sensitive
+    parser.read_string(UNIT.read_text())
+    return parser["Service"]
+
+
+def test_unit_keeps_wireguard_go_alive_across_restarts_and_reads_the_env_file():
+    svc = unit_service()
+    assert svc["KillMode"] == "process"
+    assert svc["Restart"] == "always"
+    assert svc["EnvironmentFile"] == "/etc/zmesh/agent.env"
+    caps = set(svc["CapabilityBoundingSet"].split())
+    assert {"CAP_NET_ADMIN", "CAP_SYS_ADMIN"} <= caps
+    # Any of these would hide `ip netns add`'s mounts from the host (see the unit's comment).
+    for key in ("ProtectSystem", "PrivateTmp", "PrivateDevices", "PrivateMounts", "ProtectHome"):
+        assert key not in svc, key
+
+
+def test_unit_variables_are_all_in_the_env_example():
+    used = set(re.findall(r"\$\{?([A-Z_]+)\}?", unit_service()["ExecStart"]))
+    defined = {line.split("=", 1)[0] for line in ENV_EXAMPLE.read_text().splitlines()
+               if line and not line.startswith("#") and "=" in line}
+    assert used and used <= defined, f"not in {ENV_EXAMPLE.name}: {sorted(used - defined)}"
+
+
+needs_etcd = pytest.mark.skipif(not os.path.exists("/usr/bin/etcd") or not shutil.which("etcdctl"),
+                                reason="etcd and etcdctl not installed")
+
+
+@needs_etcd
+def test_etcd_config_uses_only_known_options():
+    help_text = subprocess.run(["/usr/bin/etcd", "--help"], capture_output=True, text=True).stdout
+    flags = set(re.findall(r"--([a-z0-9-]+)", help_text))
+    conf = yaml.safe_load(ETCD_CONF.read_text())
+    # Nested TLS sections are the config file's own names for the --peer-*/--* TLS flags.
+    unknown = [k for k in conf if k not in flags and k not in ("peer-transport-security", "client-transport-security")]
+    assert not unknown, f"etcd does not know {unknown}"
+    for key in conf.get("peer-transport-security", {}):
+        assert f"peer-{key}" in flags, key
+    assert conf["max-txn-ops"] > 128 and conf["auto-compaction-mode"] in ("periodic", "revision")
+
+
+@pytest.mark.etcd
+@needs_etcd
+def test_etcd_config_forms_a_three_member_cluster(tmp_path):
+    """The example's values, moved to loopback ports and without peer TLS (no certificates here),
+    start three real members that elect a leader and accept a transaction of max-txn-ops size."""
+    base = yaml.safe_load(ETCD_CONF.read_text())
+    members = [(f"etcd-{i}", free_port(), free_port()) for i in (1, 2, 3)]
+    cluster = ",".join(f"{n}=http://127.0.0.1:{peer}" for n, _, peer in members)
+    procs = []
+    try:
+        for name, client, peer in members:
+            conf = dict(base, **{
+                "name": name, "data-dir": str(tmp_path / name),
+                "listen-client-urls": f"http://127.0.0.1:{client}",
+                "advertise-client-urls": f"http://127.0.0.1:{client}",
+                "listen-peer-urls": f"http://127.0.0.1:{peer}",
+                "initial-advertise-peer-urls": f"http://127.0.0.1:{peer}",
+                "initial-cluster": cluster, "log-level": "warn",
+            })
+            conf.pop("peer-transport-security")
+            conf.pop("listen-metrics-urls")
+            path = tmp_path / f"{name}.yml"
+            path.write_text(yaml.safe_dump(conf))
+            log = open(tmp_path / f"{name}.log", "wb")
+            procs.append(subprocess.Popen(["/usr/bin/etcd", "--config-file", str(path)],
+                                          stdout=log, stderr=log, stdin=subprocess.DEVNULL))
+            log.close()
+        endpoints = ",".join(f"127.0.0.1:{c}" for _, c, _ in members)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{members[0][1]}/health", timeout=1) as r:
+                    if json.loads(r.read()).get("health") == "true":
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "etcd-1.log").read_text()[-2000:]
+            time.sleep(0.1)
+        env = {**os.environ, "ETCDCTL_API": "3"}
+        status = subprocess.run(["etcdctl", "--endpoints", endpoints, "member", "list"],
+                                capture_output=True, text=True, env=env, check=True).stdout
+        assert status.count("started") == 3, status
+        # 200 puts in one transaction: over etcd's default limit of 128, within the example's.
+        txn = "\n" + "\n".join(f"put /t/{i} x" for i in range(200)) + "\n\n\n"
+        res = subprocess.run(["etcdctl", "--endpoints", endpoints, "txn"], input=txn,
+                             capture_output=True, text=True, env=env)
+        assert res.returncode == 0 and "SUCCESS" in res.stdout, res.stderr
+    finally:
+        for p in procs:  # ours, by PID
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
