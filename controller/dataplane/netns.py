@@ -3,7 +3,8 @@
 pyroute2's own namespace API (`IPRoute(netns=...)`, `netns.create()`) forks a child per call, and
 a fork beside aetcd's live gRPC threads can hang the child (design.md 5b). So:
 
-- namespaces are created and deleted with `ip netns add/del` (fork+exec: safe),
+- namespaces are created like `ip netns add` does, without a process: a throwaway thread
+  unshares its network namespace and bind-mounts it under /var/run/netns (deleted by unmount),
 - a socket inside a namespace is opened by a short-lived thread that `setns()`es into it, creates
   the socket and exits; a socket stays bound to the namespace it was created in, so the event-loop
   thread can use it afterwards. The thread dies with its foreign namespace: nothing to restore.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import os
 import socket
@@ -61,20 +63,59 @@ def _identity(ref: str | None) -> tuple[int, int]:
     return (st.st_dev, st.st_ino)
 
 
-async def _ip(*args: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        "ip", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise NetnsError(f"ip {' '.join(args)}: {err.decode().strip()}")
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+MS_REC, MS_BIND, MS_SHARED, MNT_DETACH = 0x4000, 0x1000, 1 << 20, 2
+
+
+def _check(rc: int, what: str, path: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise NetnsError(f"{what} {path}: {os.strerror(err)}")
+
+
+def _share_netns_dir() -> None:
+    # what `ip netns add` does first: /var/run/netns must be a shared mount, so that the bind
+    # mounts below propagate to other mount namespaces (containers, `ip netns exec`)
+    os.makedirs(NETNS_DIR, exist_ok=True)
+    d = NETNS_DIR.encode()
+    if _libc.mount(b"none", d, None, MS_SHARED | MS_REC, None) == 0:
+        return
+    _check(_libc.mount(d, d, b"none", MS_BIND | MS_REC, None), "bind-mount", NETNS_DIR)
+    _check(_libc.mount(b"none", d, None, MS_SHARED | MS_REC, None), "make shared", NETNS_DIR)
+
+
+def _create_blocking(name: str) -> None:
+    """`ip netns add` without a process: a throwaway thread unshares its network namespace and
+    bind-mounts it (/proc/thread-self: the thread's, not the process's) on /var/run/netns/NAME."""
+    path = netns_path(name)
+    _share_netns_dir()
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0)
+    os.close(fd)
+    try:
+
+        def body():
+            _check(_libc.unshare(CLONE_NEWNET), "unshare for", path)
+            rc = _libc.mount(b"/proc/thread-self/ns/net", path.encode(), b"none", MS_BIND, None)
+            _check(rc, "bind-mount", path)
+
+        _in_fresh_thread(body, f"netns-add:{name}")
+    except BaseException:
+        os.unlink(path)
+        raise
+
+
+def _delete_blocking(name: str) -> None:
+    path = netns_path(name)
+    _check(_libc.umount2(path.encode(), MNT_DETACH), "unmount", path)
+    os.unlink(path)
 
 
 async def create_netns(name: str) -> bool:
     """Create namespace `name` unless it exists. Returns True if it was created."""
     if netns_exists(name):
         return False
-    await _ip("netns", "add", name)
+    await asyncio.get_running_loop().run_in_executor(None, _create_blocking, name)
     return True
 
 
@@ -82,29 +123,38 @@ async def delete_netns(name: str) -> bool:
     """Delete namespace `name` (its veths go with it). Returns True if it existed."""
     if not netns_exists(name):
         return False
-    await _ip("netns", "del", name)
+    await asyncio.get_running_loop().run_in_executor(None, _delete_blocking, name)
     return True
+
+
+def _in_fresh_thread(fn: Callable[[], T], name: str) -> T:
+    """Run fn in a new thread and wait: namespace changes die with that thread."""
+    box: dict = {}
+
+    def body():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=body, name=name, daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def run_in_netns_blocking(ref: str | None, fn: Callable[[], T]) -> T:
     """Run fn in a fresh thread that has entered namespace `ref`; blocks the caller."""
     if ref is None:
         return fn()
-    box: dict = {}
 
-    def body():
-        try:
-            setns(netns_path(ref), flags=0, fork=False)
-            box["value"] = fn()
-        except BaseException as e:  # handed to the caller
-            box["error"] = e
+    def entered():
+        setns(netns_path(ref), flags=0, fork=False)
+        return fn()
 
-    t = threading.Thread(target=body, name=f"setns:{ref}", daemon=True)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    return _in_fresh_thread(entered, f"setns:{ref}")
 
 
 async def run_in_netns(ref: str | None, fn: Callable[[], T]) -> T:

@@ -135,8 +135,9 @@ async def test_same_ifname_twice_fails_clearly(world):
     await a.backend.ensure_device(a.wg, a.nr_ns)
     world.pids.add(a.backend.pid(a.wg))
     other = UserspaceBackend(os.path.join(world.tmp, "other"), host_netns=b_ns, links=world.links)
-    with pytest.raises(WireGuardError, match="exited"):
-        await other._start(a.wg)
+    with pytest.raises(WireGuardError, match="in use by another process"):
+        await other.ensure_device(a.wg, a.nr_ns)
+    assert other.starts == 0 and other.owned_devices() == []
     assert await a.backend.device_alive(a.wg, a.nr_ns)
 
 

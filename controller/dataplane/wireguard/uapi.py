@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import socket
+import struct
 from ipaddress import ip_network
 
 from .base import DeviceOps, DeviceState, PeerState, WireGuardError, b64_to_hex, hex_to_b64, public_key
@@ -32,6 +34,22 @@ class UAPIError(WireGuardError):
     def __init__(self, ifname: str, op: str, errno_: int):
         self.ifname, self.op, self.errno = ifname, op, errno_
         super().__init__(f"wireguard {ifname}: {op} failed: {os.strerror(errno_)} (errno={errno_})")
+
+
+def socket_owner(ifname: str) -> int | None:
+    """PID of the process listening on IFNAME's UAPI socket (SO_PEERCRED); None if nobody is.
+
+    A unix connect never blocks, so this is a cheap, synchronous liveness and ownership probe.
+    """
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(socket_path(ifname))
+        pid, _, _ = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        return pid
+    except OSError:
+        return None
+    finally:
+        s.close()
 
 
 def format_set(ops: DeviceOps) -> str:

@@ -113,9 +113,9 @@ class UserspaceBackend(WireGuardBackend):
     async def device_alive(self, ifname: str, netns: str) -> bool:
         if self.pid(ifname) is None or not netns_exists(netns):
             return False
-        # connect only: a get=1 of a big device costs ms and configure() does one anyway (a hung
-        # daemon then fails there, and the next resync finds it dead or kills it by timeout)
-        if not await self._socket_accepts(ifname):
+        # the socket must be our process's (SO_PEERCRED), not merely exist; no get=1 here: it
+        # costs ms on a big device and configure() does one anyway
+        if uapi.socket_owner(ifname) != self.pid(ifname):
             return False
         st = await self.links.observe(netns, sysctls=False)
         return st is not None and st.link(ifname) is not None
@@ -133,6 +133,12 @@ class UserspaceBackend(WireGuardBackend):
         return True
 
     async def _start(self, ifname: str) -> None:
+        owner = uapi.socket_owner(ifname)
+        if owner is not None:
+            raise WireGuardError(
+                f"wireguard {ifname}: the name is in use by another process (pid {owner}); "
+                "interface names must be unique per machine"
+            )
         os.makedirs(self.pid_dir, mode=0o700, exist_ok=True)
         argv = [self.binary, "-f", ifname]
         if self.host_netns is not None:
@@ -164,12 +170,8 @@ class UserspaceBackend(WireGuardBackend):
                 raise WireGuardError(
                     f"wireguard-go {ifname} exited with {proc.returncode}: {self._log_tail(logpath)}"
                 )
-            if self.pid(ifname) is not None and os.path.exists(uapi.socket_path(ifname)):
-                try:
-                    await uapi.request(ifname, "get=1\n", timeout=1.0)
-                    break
-                except WireGuardError:
-                    pass
+            if uapi.socket_owner(ifname) == proc.pid and self.pid(ifname) is not None:
+                break
             if time.monotonic() > deadline:
                 await self._stop(ifname)
                 raise WireGuardError(f"wireguard-go {ifname} did not open its UAPI socket")
@@ -200,8 +202,8 @@ class UserspaceBackend(WireGuardBackend):
             removed = True
         rec = self._record(ifname)
         if rec is not None:
-            # wait until the recorded process is gone or a zombie (its fds, and so its socket,
-            # are closed then); a dying process has an empty cmdline but still holds the socket
+            # wait until the recorded process is gone (a dying one has an empty cmdline, so
+            # pid() no longer vouches for it, but it may still hold the socket)
             deadline = time.monotonic() + 3.0
             while _proc_start_time(rec[0]) == rec[1]:
                 child = self._children.get(ifname)
@@ -212,11 +214,15 @@ class UserspaceBackend(WireGuardBackend):
                         self._kill(rec[0], signal.SIGKILL)
                     deadline += 3.0
                 await asyncio.sleep(0.005)
+            # a Go process's leader thread turns zombie first; the other threads still hold the
+            # listening socket for a moment
+            while uapi.socket_owner(ifname) == rec[0] and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
         child = self._children.pop(ifname, None)
         if child is not None:
             child.poll()
         sock = uapi.socket_path(ifname)
-        if os.path.exists(sock) and not await self._socket_answers(ifname):
+        if os.path.exists(sock) and uapi.socket_owner(ifname) is None:
             os.unlink(sock)  # stale: nobody answers (a live one may belong to someone else)
             removed = True
         try:
@@ -224,23 +230,6 @@ class UserspaceBackend(WireGuardBackend):
         except FileNotFoundError:
             pass
         return removed
-
-    @staticmethod
-    async def _socket_accepts(ifname: str) -> bool:
-        try:
-            _, w = await asyncio.open_unix_connection(uapi.socket_path(ifname))
-        except OSError:
-            return False
-        w.close()
-        return True
-
-    @staticmethod
-    async def _socket_answers(ifname: str) -> bool:
-        try:
-            await uapi.request(ifname, "get=1\n", timeout=1.0)
-        except WireGuardError:
-            return False
-        return True
 
     async def delete_device(self, ifname: str, netns: str) -> bool:
         """Stop the process (its TUN link goes with it) and forget it."""
