@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import aetcd
 import pytest
 import yaml
 from store_objects import network, wide_network, workload
@@ -78,13 +79,21 @@ async def test_list_prefix_paginates_at_one_revision(store):
     assert len(keys_only) == 320 and keys_only[0].value == b""
 
 
-async def test_large_listing_beyond_grpc_default_message_size(store):
-    # 5,000 x 1 KB = 5 MB, above gRPC's 4 MiB default: works because it is paginated.
+async def test_large_listing_beyond_grpc_default_message_size(etcd, store):
+    # 5,000 x 1 KB = 5 MB, above gRPC's 4 MiB default. Read through a client with gRPC's default
+    # limits (via the connection-factory seam): works only because the listing is paginated.
     value = b"v" * 1024
     for start in range(0, 5000, 100):
         await store.txn([], [Put(f"/big/{i:05}", value) for i in range(start, start + 100)])
-    entries, _ = await store.list_prefix("/big/")
-    assert len(entries) == 5000
+
+    def default_limits(endpoint, username, password, timeout):
+        return aetcd.Client(endpoint.host, endpoint.port, username, password, timeout)
+
+    async with EtcdStore(etcd.endpoints, client_factory=default_limits) as plain:
+        entries, _ = await plain.list_prefix("/big/")
+        assert len(entries) == 5000
+        with pytest.raises(StoreError, match="(?i)message larger than max|resource"):
+            await plain.list_prefix("/big/", page_size=10_000)
 
 
 async def test_failover_dead_endpoint_first(etcd):
