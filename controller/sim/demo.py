@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import ipaddress
+import logging
 import os
 import re
 import secrets
@@ -95,7 +96,7 @@ class Progress:
         self.detail = ""
         start = time.monotonic()
         spin = asyncio.get_running_loop().create_task(self._spin(title, start)) if self.tty else None
-        mark, text = self.bad, "failed"
+        mark, text = self.bad, f"{title}: failed"  # the error itself is the command's last line
         result: list[str] = []  # the step appends its result line here
         try:
             yield result
@@ -532,7 +533,9 @@ class Demo:
                 except Exception as e:
                     errors.append(f"removing world {self.world.id}: {e}")
             if self.store is not None:
-                if self.etcd is None:  # a user's etcd: remove our private prefix, nothing else
+                # A user's etcd: remove our private prefix, nothing else (and only once agents
+                # or the apply may have written there).
+                if self.etcd is None and self.world is not None:
                     try:
                         await asyncio.wait_for(self.store.delete(self.prefix, prefix=True), 10)
                         done.append(f"prefix {self.prefix} deleted")
@@ -580,6 +583,13 @@ async def run_demo(args) -> int:
     if problem:
         print(f"zmesh: demo {problem}", file=sys.stderr)
         return EXIT_FAILED
+    # The demo's own lines are its output; library warnings (e.g. the store retrying an
+    # endpoint) would drown them. Errors still show, one line each.
+    if not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("zmesh: %(name)s: %(message)s"))
+        handler.setLevel(logging.ERROR)
+        logging.getLogger().addHandler(handler)
     demo = Demo(args)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
