@@ -61,6 +61,11 @@ class DemoFailed(Exception):
     """One line for the user; the demo cleans up and exits non-zero."""
 
 
+class NotDone(str):
+    """A step's result that is shown as not achieved while the demo goes on (the next step
+    shows the details and decides the outcome)."""
+
+
 # --- output -----------------------------------------------------------------------------------
 
 
@@ -100,7 +105,8 @@ class Progress:
         result: list[str] = []  # the step appends its result line here
         try:
             yield result
-            mark, text = self.ok, (result[0] if result else title)
+            text = result[0] if result else title
+            mark = self.bad if isinstance(text, NotDone) else self.ok
         except Interrupted:
             text = f"{title}: interrupted"
             raise
@@ -410,7 +416,7 @@ class Demo:
                             f"{len(ready_nrs)} NRs and {len(ready_wl)} workloads Ready, every pair answers")
             if time.monotonic() > deadline:
                 # Not fatal here: the matrix that follows shows exactly what is missing.
-                return f"Not converged after {CONVERGE_TIMEOUT:.0f} s ({self.p.detail})"
+                return NotDone(f"Not converged after {CONVERGE_TIMEOUT:.0f} s ({self.p.detail})")
             await self.sleep(0.2)
 
     def check_agents(self) -> None:
