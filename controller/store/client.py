@@ -379,8 +379,9 @@ class EtcdStore:
                             raise
                         last = "channel closed by a failover in another task"
                         raise _Retry() from None
-                    except (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError) as e:
-                        last = str(e)
+                    except (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError,
+                            asyncio.TimeoutError) as e:
+                        last = str(e) or type(e).__name__
                         await self._fail_over(client, last)
                         raise _Retry() from None
                     except aetcd.exceptions.ClientError as e:
@@ -512,11 +513,14 @@ class EtcdStore:
             # of leaving it silently stale.
             md = tuple(self._md(client) or ()) + (("hasleader", "true"),)
             call = rpc.WatchStub(client.channel).Watch(metadata=md)
-            await call.write(rpc.WatchRequest(create_request=create))
-            resp = await asyncio.wait_for(call.read(), self.timeout)
-            if resp is grpc.aio.EOF:
+            try:
+                await call.write(rpc.WatchRequest(create_request=create))
+                resp = await asyncio.wait_for(call.read(), self.timeout)
+            except BaseException:
                 call.cancel()
-                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "watch stream closed")
+                raise
+            if resp is grpc.aio.EOF:
+                raise aetcd.exceptions.ConnectionFailedError("watch stream closed before it started")
             return call, resp
 
         call, first = await self._call(open_stream, f"watch {key}")
