@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -152,6 +153,8 @@ def leftovers(run: DemoRun, before: Snapshot) -> list[str]:
             left.append(f"pid {pid} still running")
     if etcd and os.path.exists(etcd[1]):
         left.append(f"etcd dir {etcd[1]}")
+    if wid:  # the world's work dir (agents' state dirs, keys, logs)
+        left += [f"dir {p}" for p in Path(tempfile.gettempdir()).glob(f"zmesh-world-{wid}-*")]
     return left
 
 
