@@ -36,8 +36,9 @@ from pathlib import Path
 from controller.models.manifest import ManifestError, parse_object, split_documents
 from controller.models.resources import Network, Workload
 from controller.planner import names
-from controller.sim.etcd import EmbeddedEtcd
+from controller.sim.etcd import EmbeddedEtcd, EtcdStartError
 from controller.sim.world import World
+from controller.store.client import EtcdStore
 
 NETWORK = "demo"
 IP_RANGE = "10.10.0.0/16"
@@ -214,7 +215,7 @@ class Demo:
         # A unique prefix on a user's etcd so the demo never reads or writes their data.
         self.prefix = "/zmesh/" if not self.endpoints else f"/zmesh-demo-{secrets.token_hex(4)}/"
         self.world: World | None = None
-        self.store = None
+        self.store: EtcdStore | None = None
         self.workload_ns: dict[str, str] = {}  # workload -> netns
         self.workload_ip: dict[str, str] = {}
         self.public_keys: dict[str, str] = {}  # base64 key -> node
@@ -301,18 +302,17 @@ class Demo:
 
     async def start_etcd(self) -> str:
         if self.endpoints:
-            from controller.store.client import EtcdStore
-
             self.store = EtcdStore(self.endpoints, self.prefix, timeout=5.0)
             await self.store.get(self.prefix)  # fails early and clearly if etcd is not there
             return f"Using etcd at {','.join(self.endpoints)} under the private prefix {self.prefix}"
         # Synchronous on purpose (about a second): a signal arriving meanwhile is handled right
         # after, so an etcd can never be started behind the clean-up's back.
-        self.etcd = EmbeddedEtcd()
-        self.etcd.start()
+        try:
+            self.etcd = EmbeddedEtcd()
+            self.etcd.start()
+        except EtcdStartError as e:
+            raise DemoFailed(str(e).splitlines()[0]) from None
         self.endpoints = self.etcd.endpoints
-        from controller.store.client import EtcdStore
-
         self.store = EtcdStore(self.endpoints, self.prefix, timeout=5.0)
         return f"Private etcd running at {self.etcd.endpoint} (pid {self.etcd.pid}, data in {self.etcd.base_dir})"
 
@@ -324,7 +324,7 @@ class Demo:
         for node_id, v4, v6 in NODES:
             w.add_node(node_id, ipv4=v4, ipv6=v6)
             self.check()
-        for i, (workload, node_id) in enumerate(WORKLOADS):
+        for workload, node_id in WORKLOADS:
             self.workload_ns[workload] = w.add_workload_netns(workload)
             index = w.nodes[node_id].index
             self.workload_ip[workload] = str(ipaddress.ip_network(IP_RANGE)[index * 256 + 10])
