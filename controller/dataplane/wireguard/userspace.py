@@ -57,6 +57,15 @@ def _is_wireguard_go(pid: int, ifname: str) -> bool:
     )
 
 
+def _reap(pid: int) -> None:
+    """Reap `pid` if it is our child with no Popen handle (started by an earlier backend object
+    in this process): an unreaped zombie lingers, and an orphaned one may never be reaped."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
 class UserspaceBackend(WireGuardBackend):
     kind = "userspace"
 
@@ -209,6 +218,7 @@ class UserspaceBackend(WireGuardBackend):
                 child = self._children.get(ifname)
                 if child is not None and child.poll() is not None:
                     break
+                _reap(rec[0])
                 if time.monotonic() > deadline:
                     if self.pid(ifname) is not None:
                         self._kill(rec[0], signal.SIGKILL)
@@ -218,6 +228,7 @@ class UserspaceBackend(WireGuardBackend):
             # listening socket for a moment
             while uapi.socket_owner(ifname) == rec[0] and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
+            _reap(rec[0])
         child = self._children.pop(ifname, None)
         if child is not None:
             child.poll()
