@@ -86,6 +86,16 @@ async def test_workloads_on_three_nodes_reach_each_other_only_through_wireguard(
         assert len(device.peers) == 2
         assert all(p.endpoint and p.endpoint.startswith("198.51.100.") for p in device.peers.values())
 
+    # Private keys stay on their node: in the state dir (0600), never in etcd, logs or metrics.
+    private_keys = [k.read_text().strip() for n in SUBNETS
+                    for k in (mesh.world.nodes[n].state_dir / "keys").iterdir()]
+    assert len(private_keys) == 3 and all(len(k) == 44 for k in private_keys)
+    everything_in_etcd = mesh.etcdctl("get", "--prefix", "").stdout
+    assert "publicKey" in everything_in_etcd
+    for n in SUBNETS:
+        visible = everything_in_etcd + mesh.world.agent_log(n) + str(mesh.metrics(n))
+        assert not any(k in visible for k in private_keys)
+
 
 async def test_two_networks_with_the_same_ranges_work_and_cannot_reach_each_other(mesh):
     mesh.start("n1", "n2")
@@ -106,6 +116,9 @@ async def test_two_networks_with_the_same_ranges_work_and_cannot_reach_each_othe
     assert not mesh.ping(mesh.workload_ns("r1"), blue["b1"])
     assert not mesh.ping(mesh.workload_ns("b2"), red["r1"])
     assert mesh.wg_ifname("n1", "red") != mesh.wg_ifname("n1", "blue")
+    # Two NRs on one node listen on two different ports of the node's range.
+    ports = {(await mesh.wg_device("n1", net)).listen_port for net in ("red", "blue")}
+    assert ports == {51820, 51821}
 
 
 async def test_an_ipv6_only_node_meshes_with_dual_stack_nodes(mesh):
@@ -260,6 +273,7 @@ async def test_a_killed_wireguard_go_is_repaired_within_one_resync(mesh):
     mesh.apply(manifest)
     mesh.wait_mesh({w: IPS[w] for w in ("w1", "w2")})
     pid = mesh.wg_pid("n2", "blue")
+    port = (await mesh.wg_device("n2", "blue")).listen_port
 
     os.kill(pid, signal.SIGKILL)  # the PID the agent recorded for its own process
     killed_at = time.monotonic()
@@ -268,6 +282,7 @@ async def test_a_killed_wireguard_go_is_repaired_within_one_resync(mesh):
     repaired_after = time.monotonic() - killed_at
     assert repaired_after < RESYNC + 5, repaired_after
     assert mesh.metric_sum("n2", "zmesh_wireguard_restarts_total") == 1
+    assert (await mesh.wg_device("n2", "blue")).listen_port == port  # peers need not learn anything new
 
 
 async def test_a_1400_byte_ping_with_df_set_crosses_the_mesh(mesh):
