@@ -208,15 +208,20 @@ def network_spec_problems(spec: NetworkSpec) -> list[str]:
     return problems
 
 
-class Network(_Strict):
+class _Object(_Strict):
+    """What every stored kind shares: the API version, the metadata and its name."""
+
     apiVersion: Literal["zmesh.io/v1"] = API_VERSION
-    kind: Literal["Network"] = "Network"
     metadata: Metadata
-    spec: NetworkSpec
 
     @property
     def name(self) -> str:
         return self.metadata.name
+
+
+class Network(_Object):
+    kind: Literal["Network"] = "Network"
+    spec: NetworkSpec
 
 
 # --- Workload -----------------------------------------------------------------------------
@@ -238,15 +243,9 @@ class WorkloadSpec(_Strict):
         return _parse_address(v)
 
 
-class Workload(_Strict):
-    apiVersion: Literal["zmesh.io/v1"] = API_VERSION
+class Workload(_Object):
     kind: Literal["Workload"] = "Workload"
-    metadata: Metadata
     spec: WorkloadSpec
-
-    @property
-    def name(self) -> str:
-        return self.metadata.name
 
 
 # --- Node ---------------------------------------------------------------------------------
@@ -286,15 +285,9 @@ class NodeSpec(_Strict):
         return not self.endpoints
 
 
-class Node(_Strict):
-    apiVersion: Literal["zmesh.io/v1"] = API_VERSION
+class Node(_Object):
     kind: Literal["Node"] = "Node"
-    metadata: Metadata
     spec: NodeSpec
-
-    @property
-    def name(self) -> str:
-        return self.metadata.name
 
 
 # --- Status -------------------------------------------------------------------------------
