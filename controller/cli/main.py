@@ -123,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run the node agent: reconcile this node's network resources.")
     add_agent_options(agent)
 
+    purge = sub.add_parser(
+        "purge", help="Remove every network resource an agent made on this node (no etcd needed).",
+        description="Remove every NR namespace, wireguard-go process, socket and private key that "
+                    "the agent with this state dir and name prefix made, as recorded in its state "
+                    "dir. Stop the agent first. For decommissioning a node; nothing else is touched.")
+    purge.add_argument("--state-dir", required=True, metavar="DIR", help="the agent's --state-dir")
+    purge.add_argument("--name-prefix", default="", metavar="PREFIX", help="the agent's --name-prefix")
+
     demo = sub.add_parser("demo", help="Build a simulated multi-node world and show the mesh working.",
                           description="Run the demo on namespaces of this machine (needs root). "
                                       "Without --etcd it starts a private etcd.")
@@ -454,9 +462,28 @@ def _run_demo(args) -> int:
     return _call(run_demo, args)
 
 
+def _run_purge(args) -> int:
+    from controller.planner.names import prefix_problems
+    from controller.reconciler.purge import purge_node  # lazy: pulls in the dataplane
+
+    problems = prefix_problems(args.name_prefix)
+    if problems:
+        raise CliError(f"--name-prefix: {problems[0]}")
+    if not os.path.isdir(args.state_dir):
+        raise CliError(f"--state-dir {args.state_dir}: no such directory")
+    removed = asyncio.run(purge_node(state_dir=args.state_dir, name_prefix=args.name_prefix))
+    for item in removed:
+        print(f"removed {item}")
+    if not removed:
+        print("nothing to remove")
+    return EXIT_OK
+
+
 def _dispatch(args) -> int:
     if args.command == "agent":
         return _run_agent(args)
+    if args.command == "purge":
+        return _run_purge(args)
     if args.command == "demo":
         return _run_demo(args)
     return asyncio.run(_run_store_command(args))
