@@ -128,8 +128,8 @@ class Reconciler:
         private_key, public_key = self.keys.load_or_create(wg_ifname)
         desired = plan_network(self.ctx, network, self.scope.statuses(name), None, workloads,
                                LocalFacts(public_key, port), allocations)
-        await self._apply_nr(desired, private_key)
-        attach_problems = await self._apply_workloads(desired, keep=set(kept))
+        observed = await self._apply_nr(desired, private_key)
+        attach_problems = await self._apply_workloads(desired, observed, keep=set(kept))
 
         problems = [i.message for i in desired.issues]
         problems += [f"workload {w!r}: {p}" for w, p in sorted({**ip_problems, **attach_problems}.items())]
@@ -147,39 +147,56 @@ class Reconciler:
             return Outcome("pending", WAIT_FOR_NETNS)
         return Outcome("pending" if problems else "converged")
 
-    async def _apply_nr(self, desired: DesiredNR, private_key: str) -> None:
+    async def _apply_nr(self, desired: DesiredNR, private_key: str):
         writes = self.links.writes
         nr_existed = netns_exists(desired.netns)
-        await self.links.ensure_nr(desired.netns)
-        await self.links.ensure_bridge(desired.netns, desired.bridge, desired.gateway, mtu=desired.mtu)
-        if await self.wg.ensure_device(desired.wg_ifname, desired.netns):
+        # One observation serves every step; it is refreshed only after a step wrote, so a
+        # converged NR costs a single netlink dump.
+        observed = await self.links.observe(desired.netns) if nr_existed else None
+        seen = self.links.writes
+
+        async def fresh():
+            nonlocal observed, seen
+            if self.links.writes != seen:
+                observed = await self.links.observe(desired.netns)
+                seen = self.links.writes
+            return observed
+
+        await self.links.ensure_nr(desired.netns, observed=observed)
+        await self.links.ensure_bridge(desired.netns, desired.bridge, desired.gateway, mtu=desired.mtu,
+                                       observed=await fresh())
+        if await self.wg.ensure_device(desired.wg_ifname, desired.netns, observed=await fresh()):
             self.wg_writes += 1
+            seen = -1  # the device (re)appeared: observe again
             if nr_existed:  # the NR was there but its WireGuard device was not: a repair
                 log.warning("network %s: WireGuard device %s was gone; restarted it",
                             desired.network, desired.wg_ifname)
                 self.metrics.wireguard_restarts.inc()
-        await self.links.ensure_link(desired.netns, desired.wg_ifname, mtu=desired.mtu, up=True)
+        await self.links.ensure_link(desired.netns, desired.wg_ifname, mtu=desired.mtu, up=True,
+                                     observed=await fresh())
         peers = [WgPeer.make(p.public_key, p.allowed_ips, p.endpoint, p.persistent_keepalive or 0)
                  for p in desired.peers]
         try:
-            observed = await self.wg.get(desired.wg_ifname, desired.netns)
+            device = await self.wg.get(desired.wg_ifname, desired.netns)
         except WireGuardError:
-            observed = None
+            device = None
         ops = await self.wg.configure(desired.wg_ifname, desired.netns, private_key,
-                                      desired.listen_port, peers, observed=observed)
+                                      desired.listen_port, peers, observed=device)
         if ops:
             self.wg_writes += 1
             self.metrics.dataplane_writes.labels(kind="wireguard").inc()
-            observed = await self.wg.get(desired.wg_ifname, desired.netns)
-        if observed is not None:
-            rx = sum(p.rx_bytes for p in observed.peers.values())
-            tx = sum(p.tx_bytes for p in observed.peers.values())
+            device = await self.wg.get(desired.wg_ifname, desired.netns)
+        if device is not None:
+            rx = sum(p.rx_bytes for p in device.peers.values())
+            tx = sum(p.tx_bytes for p in device.peers.values())
             self.metrics.set_wireguard_traffic(desired.network, rx, tx)
-        await self.links.ensure_routes(desired.netns, desired.wg_ifname, desired.routes)
+        await self.links.ensure_routes(desired.netns, desired.wg_ifname, desired.routes,
+                                       observed=await fresh())
         if self.links.writes != writes:
             self.metrics.dataplane_writes.labels(kind="link").inc(self.links.writes - writes)
+        return await fresh()
 
-    async def _apply_workloads(self, desired: DesiredNR, keep: set[str]) -> dict[str, str]:
+    async def _apply_workloads(self, desired: DesiredNR, observed, keep: set[str]) -> dict[str, str]:
         """Attach every desired workload, detach every other veth of ours except those of the
         workloads in `keep`; per-workload problems (e.g. its namespace does not exist yet) are
         returned, never fatal to the others."""
@@ -190,13 +207,15 @@ class Reconciler:
             if not netns_exists(a.netns):
                 problems[a.workload] = f"network namespace {a.netns} does not exist (yet)"
                 continue
+            writes = self.links.writes
             try:
                 await self.links.ensure_workload(desired.netns, desired.bridge, VethAttachment(
                     host_ifname=a.veth, netns=a.netns, ifname=a.interface, address=a.address,
-                    gateway=a.gateway, mtu=a.mtu))
+                    gateway=a.gateway, mtu=a.mtu), observed=observed)
             except (OSError, RuntimeError) as e:
                 problems[a.workload] = str(e)
-        observed = await self.links.observe(desired.netns, sysctls=False)
+            if self.links.writes != writes:
+                observed = await self.links.observe(desired.netns, sysctls=False)
         for link in (observed.links.values() if observed else ()):
             if link.name not in wanted and names.owns_workload_veth(self.ctx.name_prefix, link.name):
                 await self.links.remove_workload(desired.netns, link.name)

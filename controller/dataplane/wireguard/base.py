@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
 
+from ..links import NRState
+
 IPNetwork = IPv4Network | IPv6Network
 
 
@@ -238,11 +240,12 @@ class WireGuardBackend(ABC):
     kind: str = "abstract"
 
     @abstractmethod
-    async def ensure_device(self, ifname: str, netns: str) -> bool:
-        """The device exists in `netns` and answers; (re)creates it. True if it did."""
+    async def ensure_device(self, ifname: str, netns: str, observed: NRState | None = None) -> bool:
+        """The device exists in `netns` and answers; (re)creates it. True if it did.
+        `observed`: a fresh observation of `netns`, to spare a netlink dump."""
 
     @abstractmethod
-    async def device_alive(self, ifname: str, netns: str) -> bool:
+    async def device_alive(self, ifname: str, netns: str, observed: NRState | None = None) -> bool:
         """The device exists in `netns` and answers (for userspace: its process runs)."""
 
     @abstractmethod

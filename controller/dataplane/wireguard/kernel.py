@@ -28,7 +28,7 @@ from pyroute2.netlink.generic.wireguard import (
     wgmsg,
 )
 
-from ..links import Links
+from ..links import Links, NRState
 from ..netns import NETLINK_GENERIC, netns_exists, netns_path, open_socket_in
 from .base import DeviceOps, DeviceState, PeerState, WireGuardBackend, WireGuardError, key_bytes, public_key
 
@@ -156,13 +156,13 @@ class KernelBackend(WireGuardBackend):
         if s is not None:
             s.close()
 
-    async def device_alive(self, ifname: str, netns: str) -> bool:
-        st = await self.links.observe(netns, sysctls=False)
+    async def device_alive(self, ifname: str, netns: str, observed: NRState | None = None) -> bool:
+        st = observed or await self.links.observe(netns, sysctls=False)
         link = st.link(ifname) if st else None
         return link is not None and link.kind == "wireguard"
 
-    async def ensure_device(self, ifname: str, netns: str) -> bool:
-        if await self.device_alive(ifname, netns):
+    async def ensure_device(self, ifname: str, netns: str, observed: NRState | None = None) -> bool:
+        if await self.device_alive(ifname, netns, observed):
             return False
         ipr = await self.links.pool.get(self.host_netns)
         fd = os.open(netns_path(netns), os.O_RDONLY)

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import time
 
-from ..links import Links
+from ..links import Links, NRState
 from ..netns import netns_exists, netns_path
 from . import uapi
 from .base import DeviceOps, DeviceState, WireGuardBackend, WireGuardError
@@ -119,18 +119,18 @@ class UserspaceBackend(WireGuardBackend):
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    async def device_alive(self, ifname: str, netns: str) -> bool:
+    async def device_alive(self, ifname: str, netns: str, observed: NRState | None = None) -> bool:
         if self.pid(ifname) is None or not netns_exists(netns):
             return False
         # the socket must be our process's (SO_PEERCRED), not merely exist; no get=1 here: it
         # costs ms on a big device and configure() does one anyway
         if uapi.socket_owner(ifname) != self.pid(ifname):
             return False
-        st = await self.links.observe(netns, sysctls=False)
+        st = observed or await self.links.observe(netns, sysctls=False)
         return st is not None and st.link(ifname) is not None
 
-    async def ensure_device(self, ifname: str, netns: str) -> bool:
-        if await self.device_alive(ifname, netns):
+    async def ensure_device(self, ifname: str, netns: str, observed: NRState | None = None) -> bool:
+        if await self.device_alive(ifname, netns, observed):
             return False
         await self._stop(ifname)
         await self._start(ifname)
