@@ -59,10 +59,11 @@ class WatchCache(Service):
 
     async def _run(self) -> None:
         failures = 0
+        loop = asyncio.get_running_loop()
         while True:
+            session_start = loop.time()
             try:
                 await self._relist()
-                failures = 0
                 async for ev in self.store.watch(self.key, prefix=self.prefix, start_revision=self.revision + 1):
                     if ev.type == "put":
                         self.items[ev.key] = KV(ev.value, ev.mod_revision)
@@ -81,7 +82,9 @@ class WatchCache(Service):
                 log.exception("watch cache on %s failed; re-listing", self.key)
             self.synced.clear()
             self.relists += 1
-            failures += 1
+            # Back off more while breaks come quickly one after another; a long healthy session
+            # starts the count again.
+            failures = 1 if loop.time() - session_start > 30 else failures + 1
             # Full jitter: many agents losing the same etcd do not come back in lock-step.
             await asyncio.sleep(random.uniform(0, min(self.max_backoff, 0.05 * 2 ** failures)))
 
