@@ -85,3 +85,13 @@ def test_plan_repairs():
         Repair(lay.workload("w"), 8, (lay.index_workload("c", "w"),), ()),
     ]
     assert plan_repairs(store, specs, index, only={lay.network("ok")}) == []
+
+
+def test_plan_repairs_never_removes_entries_of_an_invalid_value():
+    store = EtcdStore(["127.0.0.1:1"], prefix="/x/")
+    lay = store.layout
+    invalid = json.loads(_net("bad", ["a"]))
+    invalid["spec"]["resources"][0]["subnet"] = "100.64.0.0/24"  # reserved: fails validation
+    specs = {lay.network("bad"): KV(json.dumps(invalid).encode(), 9)}
+    index = [lay.index_network("old", "bad")]
+    assert plan_repairs(store, specs, index) == [Repair(lay.network("bad"), 9, (lay.index_network("a", "bad"),), ())]
