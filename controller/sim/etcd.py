@@ -21,11 +21,13 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 
 ETCD_BINARY = "/usr/bin/etcd"
+SETPRIV = "/usr/bin/setpriv"  # util-linux, on every Debian
 
 
 class EtcdStartError(RuntimeError):
@@ -131,6 +133,12 @@ class EmbeddedEtcd:
             "--log-level", "warn",
             *self.extra_args,
         ]
+        if os.path.exists(SETPRIV) and threading.current_thread() is threading.main_thread():
+            # If we are killed (SIGKILL, a test runner's timeout) etcd gets SIGTERM instead of
+            # living on as an orphan. setpriv execs etcd, so the PID stays etcd's. The death
+            # signal follows the thread that started it: only the main thread lives as long as
+            # the process, so starts from other threads (astart) go without.
+            args = [SETPRIV, "--pdeathsig", "TERM", "--", *args]
         os.makedirs(self.base_dir, exist_ok=True)
         log = open(self.log_path, "ab")
         try:
