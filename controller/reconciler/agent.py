@@ -28,7 +28,7 @@ from .config import AgentConfig
 from .queue import WorkQueue
 from .reconcile import Reconciler
 from .scope import NodeScope
-from .state import LocalState
+from .state import LocalState, StateDirInUse
 
 log = logging.getLogger("zmesh.agent")
 
@@ -86,6 +86,7 @@ class Agent:
     async def run(self) -> None:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.state.claim_prefix(cfg.name_prefix)  # before anything is touched
         port = await self.http.start()
         log.info("node %s: metrics on %s:%d, WireGuard backend %s, host netns %s",
                  cfg.node_id, cfg.metrics_host, port, self.wireguard.kind, cfg.host_netns or "(own)")
@@ -191,7 +192,11 @@ async def run_agent_async(config: AgentConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, agent.stop)
-    await agent.run()
+    try:
+        await agent.run()
+    except StateDirInUse as e:
+        log.error("%s", e)
+        return 1
     return 0
 
 

@@ -28,6 +28,11 @@ async def purge_node(*, state_dir: Path | str, name_prefix: str) -> list[str]:
     links = Links()
     wg = UserspaceBackend(str(state_dir), None, links)
     keys = KeyStore(str(state_dir))
+    if state.name_prefix is not None and state.name_prefix != name_prefix:
+        # The record knows the names its NRs were made under: remove those, not lookalikes.
+        log.warning("state dir %s was used with name prefix %r, not %r: purging what it recorded",
+                    state_dir, state.name_prefix, name_prefix)
+        name_prefix = state.name_prefix
     try:
         networks = set(state.networks)
         devices = set(wg.owned_devices())

@@ -27,7 +27,7 @@ from controller.models.resources import (
 from controller.planner import names
 from controller.planner.allocation import PortsExhausted, allocate_listen_port, allocate_workload_ips
 from controller.planner.plan import DesiredNR, LocalFacts, NodeContext, plan_network
-from controller.store.client import EtcdStore
+from controller.store.client import EtcdStore, StoreError
 
 from .scope import NodeScope
 from .state import LocalState
@@ -101,7 +101,23 @@ class Reconciler:
         if network is None or network.spec.resource_for(self.ctx.node_id) is None:
             await self.teardown(name)
             return Outcome("removed")
-        return await self._converge(network)
+        try:
+            return await self._converge(network)
+        except Exception as e:
+            await self._publish_failure(network, e)
+            raise  # the queue retries with backoff
+
+    async def _publish_failure(self, network: Network, error: Exception) -> None:
+        """Say in status why the NR could not be converged (a missing wireguard-go, a listen
+        port taken by another program, an unwritable state dir): an operator reads it with
+        `zmesh describe` instead of the agent's log. Messages carry no key material."""
+        if isinstance(error, StoreError):
+            return  # etcd itself is the problem: nothing to write it to
+        message = " ".join(str(error).split()) or type(error).__name__
+        try:
+            await self._publish(network, None, None, [("Ready", "False", "ApplyFailed", message[:500])])
+        except Exception as e:  # the original error is the one to retry on
+            log.debug("network %s: cannot publish the failure: %s", network.name, e)
 
     # --- converge --------------------------------------------------------------------------
 

@@ -26,6 +26,11 @@ class NRRecord:
     workloads: dict[str, ipaddress.IPv4Address] = field(default_factory=dict)
 
 
+class StateDirInUse(RuntimeError):
+    """The state dir records NRs made under another name prefix: an agent with this prefix
+    would neither find them (names differ) nor be allowed to touch them."""
+
+
 class LocalState:
     FILE = "state.json"
 
@@ -33,11 +38,15 @@ class LocalState:
         self.dir = Path(state_dir)
         self.path = self.dir / self.FILE
         self.networks: dict[str, NRRecord] = {}
+        # The --name-prefix the recorded NRs were made with (None: not recorded yet).
+        self.name_prefix: str | None = None
         self._load()
 
     def _load(self) -> None:
         try:
             raw = json.loads(self.path.read_text())
+            prefix = raw.get("namePrefix")
+            self.name_prefix = prefix if isinstance(prefix, str) else None
             self.networks = {
                 name: NRRecord(int(rec["listenPort"]),
                                {w: ipaddress.IPv4Address(ip) for w, ip in rec.get("workloads", {}).items()})
@@ -53,13 +62,35 @@ class LocalState:
             log.error("state record %s is damaged (%s); moved to %s", self.path, e, aside)
             self.networks = {}
 
+    def claim_prefix(self, name_prefix: str) -> None:
+        """Bind the record to `name_prefix`; StateDirInUse if it holds NRs made under another
+        one (their names differ: building new NRs beside them would fight them for listen
+        ports and UAPI names, and garbage collection could never find the old ones)."""
+        if self.name_prefix not in (None, name_prefix) and self.networks:
+            raise StateDirInUse(
+                f"state dir {self.dir} holds network resources made with --name-prefix "
+                f"{self.name_prefix!r} ({', '.join(sorted(self.networks))}), not {name_prefix!r}: "
+                f"start the agent with --name-prefix {self.name_prefix!r}, or remove them first "
+                f"with `zmesh purge --state-dir {self.dir}`")
+        if self.name_prefix != name_prefix:
+            self.name_prefix = name_prefix
+            try:
+                self.save()
+            except OSError as e:  # written with the next record; the NRs keep working meanwhile
+                log.warning("cannot write %s yet: %s", self.path, e)
+
     def save(self) -> None:
+        self._save(self.networks, self.name_prefix)
+
+    def _save(self, networks: dict[str, NRRecord], name_prefix: str | None) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        data = {"networks": {
+        data: dict = {"networks": {
             name: {"listenPort": rec.listen_port,
                    "workloads": {w: str(ip) for w, ip in sorted(rec.workloads.items())}}
-            for name, rec in sorted(self.networks.items())
+            for name, rec in sorted(networks.items())
         }}
+        if name_prefix is not None:
+            data["namePrefix"] = name_prefix
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -78,9 +109,12 @@ class LocalState:
         new = NRRecord(listen_port, dict(workloads if workloads is not None
                                          else (current.workloads if current else {})))
         if current != new:
+            # On disk first: if the write fails, memory must not claim a record (or an address)
+            # that a restart would not find, so the caller fails again until it is written.
+            self._save({**self.networks, network: new}, self.name_prefix)
             self.networks[network] = new
-            self.save()
 
     def forget(self, network: str) -> None:
-        if self.networks.pop(network, None) is not None:
-            self.save()
+        if network in self.networks:
+            self._save({n: r for n, r in self.networks.items() if n != network}, self.name_prefix)
+            del self.networks[network]

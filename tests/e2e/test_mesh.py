@@ -362,3 +362,65 @@ async def test_with_etcd_down_the_dataplane_keeps_forwarding_and_is_still_repair
     mesh.zmesh("delete", "workload", "w2")
     wait_until(lambda: "eth0" not in mesh.links(mesh.workload_ns("w2")), 30, what="w2 detached after etcd came back")
     assert all(mesh.world.nodes[n].agent.poll() is None for n in ("n1", "n2"))
+
+
+def _nr_status(mesh, network: str, node: str) -> dict:
+    raw = mesh.etcdctl("get", "--print-value-only", f"/zmesh/v1/status/networks/{network}/{node}").stdout
+    return json.loads(raw) if raw.strip() else {}
+
+
+def _condition(status: dict, ctype: str) -> dict:
+    return next((c for c in status.get("conditions", []) if c["type"] == ctype), {})
+
+
+async def test_an_unwritable_state_dir_is_reported_and_nothing_unrecorded_is_attached(mesh):
+    two = two_node_mesh(mesh)
+    state_dir = str(mesh.world.nodes["n1"].state_dir)
+    ns = mesh.add_workload_ns("w4")
+    # Read-only even for root: a bind mount of the state dir onto itself, remounted ro.
+    subprocess.run(["mount", "--bind", state_dir, state_dir], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", state_dir], check=True)
+        mesh.apply(workload_manifest("w4", "blue", "n1", ns))  # its address is allocated here
+        wait_until(lambda: _condition(_nr_status(mesh, "blue", "n1"), "Ready").get("reason") == "ApplyFailed",
+                   15, what="the failure in n1's status")
+        assert "Read-only file system" in _condition(_nr_status(mesh, "blue", "n1"), "Ready")["message"]
+        time.sleep(RESYNC * 2)  # several retries
+        # An address the record does not hold would not survive a restart: nothing attached.
+        assert "eth0" not in mesh.links(ns)
+        assert all(mesh.matrix(two).values())  # the running NR is unharmed
+    finally:
+        subprocess.run(["umount", state_dir], check=True)
+    wait_until(lambda: mesh.ping(ns, IPS["w2"]), RESYNC + 15, what="w4 attached once the record can be written")
+    record = json.loads((mesh.world.nodes["n1"].state_dir / "state.json").read_text())
+    assert record["networks"]["blue"]["workloads"]["w4"] == "10.1.1.2"
+    wait_until(lambda: _condition(_nr_status(mesh, "blue", "n1"), "Ready").get("status") == "True", 15,
+               what="n1 Ready again")
+
+
+async def test_an_agent_given_another_name_prefix_refuses_to_start_and_touches_nothing(mesh):
+    two = two_node_mesh(mesh)
+    node = mesh.world.nodes["n1"]
+    nr = mesh.nr_netns("n1", "blue")
+    before = (mesh.wg_pid("n1", "blue"), mesh.netns_inode(nr), mesh.links(nr))
+    old = node.name_prefix
+    assert mesh.world.stop_agent("n1") == 0
+    node.name_prefix = "x" + old[1:]  # same length, still unique to this world
+    try:
+        mesh.world.start_agent("n1")
+        assert node.agent.wait(30) == 1
+        log = mesh.world.agent_log("n1")
+        assert f"--name-prefix {old!r}" in log, log[-2000:]
+        assert not [n for n in os.listdir("/var/run/netns") if n.startswith(node.name_prefix)]
+        assert not [p for p in os.listdir(node.state_dir / "wireguard-go") if p.startswith(node.name_prefix)]
+    finally:
+        mesh.world.stop_agent("n1")
+        for stray in [n for n in os.listdir("/var/run/netns") if n.startswith(node.name_prefix)]:
+            subprocess.run(["ip", "netns", "del", stray])
+        node.name_prefix = old
+    assert (mesh.wg_pid("n1", "blue"), mesh.netns_inode(nr), mesh.links(nr)) == before
+    assert all(mesh.matrix(two).values())
+    # With its own prefix it starts again and adopts everything as it was.
+    mesh.world.start_agent("n1")
+    wait_until(lambda: mesh.ready("n1"), 30, what="n1 ready with its own prefix")
+    assert (mesh.wg_pid("n1", "blue"), mesh.netns_inode(nr), mesh.links(nr)) == before
