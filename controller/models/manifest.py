@@ -12,11 +12,18 @@ from pydantic import BaseModel, ValidationError
 from .resources import API_VERSION, KINDS, STATUS_KINDS
 
 
+# A value with thousands of bad items (say a 1 MB spec written by hand) must not become thousands
+# of lines in a CLI warning or an agent's status: the first few say what is wrong.
+MAX_PROBLEMS = 20
+
+
 class ManifestError(ValueError):
     """A document that cannot become a model object; `problems` holds one line per problem."""
 
     def __init__(self, where: str, problems: list[str]):
         self.where = where
+        if len(problems) > MAX_PROBLEMS:
+            problems = problems[:MAX_PROBLEMS] + [f"... and {len(problems) - MAX_PROBLEMS} more problem(s)"]
         self.problems = problems
         super().__init__("\n".join(f"{where}: {p}" for p in problems))
 
@@ -34,6 +41,8 @@ def split_documents(text: str, source: str = "<input>") -> list[Document]:
         raw = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as e:
         raise ManifestError(source, [f"not valid YAML or JSON: {_one_line(str(e))}"]) from None
+    except RecursionError:
+        raise ManifestError(source, [_TOO_DEEP]) from None
     docs: list[Document] = []
     for n, d in enumerate(raw, 1):
         items = d if isinstance(d, list) else d.get("items") if isinstance(d, dict) and d.get("kind") == "List" else None
@@ -61,6 +70,8 @@ def parse_object(data: object, where: str = "<input>", kinds: tuple[str, ...] | 
         return {**KINDS, **STATUS_KINDS}[kind].model_validate(data)
     except ValidationError as e:
         raise ManifestError(label, format_validation_error(e)) from None
+    except RecursionError:
+        raise ManifestError(label, [_TOO_DEEP]) from None
 
 
 def parse_json_value(raw: bytes, where: str, kinds: tuple[str, ...] | None = None) -> BaseModel:
@@ -71,6 +82,9 @@ def parse_json_value(raw: bytes, where: str, kinds: tuple[str, ...] | None = Non
         raise ManifestError(where, ["value is not UTF-8 text"]) from None
     try:
         data = json.loads(text)
+    except RecursionError:
+        # Deeply nested garbage written by hand: one bad value, never a crash of every reader.
+        raise ManifestError(where, [_TOO_DEEP]) from None
     except json.JSONDecodeError as e:
         # Something meant as JSON gets JSON's short message, not YAML's long one.
         if text.lstrip()[:1] in ("{", "["):
@@ -79,6 +93,8 @@ def parse_json_value(raw: bytes, where: str, kinds: tuple[str, ...] | None = Non
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ManifestError(where, [f"value is neither JSON nor YAML: {_one_line(str(e))}"]) from None
+        except RecursionError:
+            raise ManifestError(where, [_TOO_DEEP]) from None
     return parse_object(data, where, kinds)
 
 
@@ -104,6 +120,9 @@ def to_json(obj: BaseModel) -> str:
         if not meta.get("labels"):
             meta.pop("labels", None)
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+_TOO_DEEP = "nested too deeply to be a manifest"
 
 
 def _one_line(s: str) -> str:

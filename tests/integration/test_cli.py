@@ -336,3 +336,14 @@ def test_the_installed_command_reports_etcd_down_without_a_traceback(etcd):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.startswith(f"zmesh: cannot reach etcd at {endpoint} (") and r.stderr.count("\n") == 1
+
+
+def test_deeply_nested_garbage_in_etcd_is_a_warning_not_a_failure(cli, tmp_path):
+    cli.ok("apply", "-f", manifest_file(tmp_path, network("blue")))
+    # Too long for a command line: etcdctl reads the value from stdin.
+    cli.etcdctl("put", "/zmesh/v1/networks/deep", input="[" * 100_000 + "]" * 100_000)
+    code, out, err = cli("get", "networks")
+    assert code == 0 and [line.split()[0] for line in out.splitlines()] == ["NAME", "blue"]
+    assert err == "zmesh: warning: /zmesh/v1/networks/deep: nested too deeply to be a manifest\n"
+    assert cli.ok("apply", "-f", manifest_file(tmp_path, network("blue"))) == "network/blue unchanged\n"
+    assert cli.ok("delete", "network", "deep") == "network/deep deleted\n"

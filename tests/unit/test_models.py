@@ -505,3 +505,74 @@ def test_the_example_manifest_is_valid():
     assert isinstance(net, Network) and len(net.spec.nodes) == 3
     assert sorted(w.spec.node for w in workloads) == net.spec.nodes
     assert all(workload_problems(w, net, workloads) == [] for w in workloads)
+
+
+# --- hostile values (hand-written into etcd, or a bad file) --------------------------------
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100_000 + b"]" * 100_000,
+                                 b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+                                 b"x: " + b"[" * 100_000 + b"]" * 100_000])
+def test_deeply_nested_garbage_is_one_problem_not_a_crash(raw):
+    # A RecursionError used to escape and fail every listing (and every agent reading it).
+    with pytest.raises(ManifestError) as e:
+        parse_json_value(raw, "/zmesh/v1/networks/deep")
+    assert e.value.problems == ["nested too deeply to be a manifest"]
+    with pytest.raises(ManifestError, match="nested too deeply"):
+        split_documents(raw.decode(), "deep.yaml")
+
+
+def big_network_doc(n: int) -> dict:
+    # n /30 subnets inside 10.0.0.0/8, nodes n1..n3 repeated: every resource after the third is
+    # a duplicate node.
+    return network_doc(ip_range="10.0.0.0/8", resources=[
+        {"node": f"n{i % 3 + 1}", "subnet": f"10.{i // 64}.{(i % 64) * 4}.0/30"} for i in range(n)])
+
+
+def test_a_huge_network_is_validated_quickly_with_a_bounded_report():
+    import time
+
+    start = time.monotonic()
+    problems = problems_of(big_network_doc(16_000))  # about 700 KB of JSON
+    # The pairwise overlap check took two minutes here; the sweep takes well under a second.
+    assert time.monotonic() - start < 10
+    assert len(problems) == 21 and problems[-1] == "... and 15977 more problem(s)"
+
+
+def test_overlaps_are_found_among_many_subnets_in_any_order():
+    resources = [{"node": f"n{i}", "subnet": f"10.1.{i}.0/24"} for i in range(1, 200)]
+    resources.insert(100, {"node": "wide", "subnet": "10.1.64.0/22"})  # covers 10.1.64-67
+    resources.append({"node": "twin", "subnet": "10.1.3.0/24"})
+    problems = problems_of(network_doc(resources=resources))
+    assert "spec: resources[200]: subnet 10.1.3.0/24 (node twin) overlaps 10.1.3.0/24 (node n3)" in problems
+    assert "spec: resources[100]: subnet 10.1.64.0/22 (node wide) overlaps 10.1.67.0/24 (node n67)" in problems
+    assert len(problems) == 1 + 4  # each overlapping pair is reported once
+
+
+@pytest.mark.parametrize("ip_range, subnet, why", [
+    ("127.0.0.0/8", "127.0.1.0/24", "loopback"),
+    ("224.0.0.0/8", "224.0.1.0/24", "multicast"),
+    ("240.0.0.0/8", "240.0.1.0/24", "reserved"),
+    ("169.254.0.0/16", "169.254.1.0/24", "link-local"),
+    ("0.0.0.0/8", "0.0.1.0/24", "this network"),
+])
+def test_ranges_that_cannot_be_routed_are_rejected(ip_range, subnet, why):
+    problems = assert_rejected(network_doc(ip_range=ip_range, resources=[{"node": "n1", "subnet": subnet}]), why)
+    assert any(p.startswith("spec.ipRange:") for p in problems)
+    assert any(p.startswith("spec.resources.0.subnet:") for p in problems)
+
+
+@pytest.mark.parametrize("ip_range", ["8.8.0.0/16", "172.16.0.0/12", "192.168.0.0/16", "198.18.0.0/15"])
+def test_public_and_private_unicast_ranges_are_fine(ip_range):
+    net = ipaddress.ip_network(ip_range)
+    sub = str(next(net.subnets(new_prefix=24)))
+    assert problems_of(network_doc(ip_range=ip_range, resources=[{"node": "n1", "subnet": sub}])) == []
+
+
+@pytest.mark.parametrize("value, message", [
+    ("fd00::/64", "'fd00::/64' is an IPv6 prefix, but networks are IPv4"),
+    ("10.1.0.1/16", "'10.1.0.1/16' has host bits set"),
+    ("10.1.0.0/33", "'10.1.0.0/33' is not an IPv4 prefix"),
+])
+def test_a_bad_prefix_says_what_is_wrong_with_it(value, message):
+    assert_rejected(network_doc(ip_range=value, resources=[]), message)
