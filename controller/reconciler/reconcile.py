@@ -7,6 +7,7 @@ the NodeScope cache and the whole observed state from the kernel. A converged NR
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from dataclasses import dataclass
@@ -62,6 +63,8 @@ class Reconciler:
         self.etcd_writes = 0
         self.wg_writes = 0
         self._published_workloads: dict[str, bytes] = {}
+        # Listen ports another program (or another agent on this host) turned out to hold.
+        self._busy_ports: set[int] = set()
 
     @property
     def writes(self) -> int:
@@ -125,8 +128,11 @@ class Reconciler:
         name = network.name
         own = network.spec.resource_for(self.ctx.node_id)
         record = self.state.networks.get(name)
+        # A busy port is held by a pseudo-network whose name sorts before every real one, so the
+        # pure allocator moves whoever had it to the next free port.
+        in_use = {**self.state.ports(), **{f"\0busy:{p}": p for p in self._busy_ports}}
         try:
-            port = allocate_listen_port(self.port_range, self.state.ports(), name)
+            port = allocate_listen_port(self.port_range, in_use, name)
         except PortsExhausted as e:
             await self._publish(network, None, None, [("Ready", "False", "PortsExhausted", str(e))])
             return Outcome("invalid")
@@ -144,7 +150,16 @@ class Reconciler:
         private_key, public_key = self.keys.load_or_create(wg_ifname)
         desired = plan_network(self.ctx, network, self.scope.statuses(name), None, workloads,
                                LocalFacts(public_key, port), allocations)
-        observed = await self._apply_nr(desired, private_key)
+        try:
+            observed = await self._apply_nr(desired, private_key)
+        except WireGuardError as e:
+            if e.errno == errno.EADDRINUSE:
+                # Never fight another program for a port: the retry takes the next free one,
+                # and the peers learn it from our status.
+                self._busy_ports.add(port)
+                log.warning("network %s: listen port %d is in use on this host; moving to another",
+                            name, port)
+            raise
         attach_problems = await self._apply_workloads(desired, observed, keep=set(kept))
 
         problems = [i.message for i in desired.issues]

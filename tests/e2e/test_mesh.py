@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -424,3 +425,26 @@ async def test_an_agent_given_another_name_prefix_refuses_to_start_and_touches_n
     mesh.world.start_agent("n1")
     wait_until(lambda: mesh.ready("n1"), 30, what="n1 ready with its own prefix")
     assert (mesh.wg_pid("n1", "blue"), mesh.netns_inode(nr), mesh.links(nr)) == before
+
+
+async def test_a_listen_port_held_by_another_program_is_left_to_it(mesh):
+    from controller.dataplane.netns import open_socket_in
+
+    mesh.world.add_node("n1")
+    # Another program on n1's host already listens on the first port of the range.
+    squatter = open_socket_in(mesh.world.nodes["n1"].netns, socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        squatter.bind(("0.0.0.0", 51820))
+        mesh.world.start_agent("n1")
+        mesh.start("n2")
+        two = {w: IPS[w] for w in ("w1", "w2")}
+        manifest = network_manifest("blue", {"n1": SUBNETS["n1"], "n2": SUBNETS["n2"]})
+        manifest += "".join(workload_manifest(w, "blue", NODE_OF[w], mesh.add_workload_ns(w), ip)
+                            for w, ip in two.items())
+        mesh.apply(manifest)
+        mesh.wait_mesh(two)
+        assert (await mesh.wg_device("n1", "blue")).listen_port == 51821
+        assert _nr_status(mesh, "blue", "n1")["listenPort"] == 51821
+        assert squatter.getsockname() == ("0.0.0.0", 51820)
+    finally:
+        squatter.close()

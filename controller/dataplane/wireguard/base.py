@@ -227,7 +227,10 @@ def device_ops(
 
 
 class WireGuardError(RuntimeError):
-    """A WireGuard device could not be read or configured."""
+    """A WireGuard device could not be read or configured; `errno` is set when the backend
+    reported one (EADDRINUSE: the listen port is taken on this host)."""
+
+    errno: int | None = None
 
 
 class WireGuardBackend(ABC):

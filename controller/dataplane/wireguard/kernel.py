@@ -220,7 +220,9 @@ class KernelBackend(WireGuardBackend):
         err = reply["header"].get("error")
         if err is not None:
             code = getattr(err, "code", errno.EIO)
-            raise WireGuardError(f"wireguard {ifname}: set failed: {os.strerror(code)}")
+            error = WireGuardError(f"wireguard {ifname}: set failed: {os.strerror(code)}")
+            error.errno = code
+            raise error
 
     async def close(self) -> None:
         for ns in list(self._genl):
