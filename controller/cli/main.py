@@ -68,8 +68,19 @@ def _connection_options(parser: argparse.ArgumentParser, top: bool) -> None:
                              "(default: $ZMESH_ETCD, else 127.0.0.1:2379)")
     parser.add_argument("--prefix", default=d(None), metavar="PREFIX",
                         help="etcd key prefix (default: $ZMESH_PREFIX, else /zmesh/)")
-    parser.add_argument("--timeout", type=float, default=d(5.0), metavar="SECONDS",
+    parser.add_argument("--timeout", type=_seconds, default=d(5.0), metavar="SECONDS",
                         help="etcd request timeout (default: 5)")
+
+
+def _seconds(text: str) -> float:
+    # 0, a negative, nan or inf timeout used to end as "cannot reach etcd (DEADLINE_EXCEEDED)".
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
 
 
 def _output_option(parser: argparse.ArgumentParser, choices=("table", "json", "yaml")) -> None:

@@ -29,7 +29,9 @@ def manifest(obj) -> dict:
     data = obj.model_dump(mode="json", exclude_none=True)
     if isinstance(data.get("metadata"), dict) and not data["metadata"].get("labels"):
         data["metadata"].pop("labels", None)
-    return data
+    # The order people read and write manifests in (the models declare `kind` after `metadata`).
+    order = ("apiVersion", "kind", "metadata", "spec")
+    return {k: data[k] for k in order if k in data} | {k: v for k, v in data.items() if k not in order}
 
 
 def as_list(items: list[dict]) -> dict:

@@ -343,3 +343,18 @@ def test_json_output_of_a_list_is_a_kind_list_of_reappliable_manifests():
     data = json.loads(output.dump(output.as_list([output.manifest(net)]), "json"))
     assert data["kind"] == "List"
     assert parse_object(data["items"][0]) == net
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_a_timeout_that_is_not_positive_seconds_is_a_usage_error(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--timeout", value, "get", "networks"])
+    assert e.value.code == 2
+    assert f"argument --timeout: {value!r} is not a number of seconds above 0" in capsys.readouterr().err
+
+
+def test_yaml_output_reads_apiversion_kind_metadata_spec_in_that_order():
+    net = parse_object(network_doc())
+    text = output.dump(output.manifest(net), "yaml")
+    assert [line.split(":")[0] for line in text.splitlines() if not line.startswith(" ")] == [
+        "apiVersion", "kind", "metadata", "spec"]
