@@ -57,8 +57,9 @@ def list_netns() -> list[str]:
         return []
 
 
-def _identity(ref: str | None) -> tuple[int, int]:
-    """(dev, inode) of a namespace: a name recreated after deletion gets a new identity."""
+def netns_identity(ref: str | None) -> tuple[int, int]:
+    """(dev, inode) of a namespace: a name recreated after deletion gets a new identity, and
+    two refs (a name, a /proc path) to one namespace have the same one."""
     st = os.stat(netns_path(ref) if ref else "/proc/self/ns/net")
     return (st.st_dev, st.st_ino)
 
@@ -268,7 +269,7 @@ class NetlinkPool:
     async def get(self, ref: str | None) -> Netlink:
         """The cached socket into `ref`; FileNotFoundError (and the cache dropped) if it is gone."""
         try:
-            ident = _identity(ref)
+            ident = netns_identity(ref)
         except FileNotFoundError:
             self.forget(ref)  # don't pin a namespace someone else deleted
             raise

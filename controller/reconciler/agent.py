@@ -95,7 +95,7 @@ class Agent:
         self.reconciler = Reconciler(
             ctx=ctx, store=self.store, scope=self.scope, links=self.links, wireguard=self.wireguard,
             keys=KeyStore(str(cfg.state_dir)), state=self.state, port_range=cfg.listen_port_range,
-            metrics=self.metrics)
+            metrics=self.metrics, host_netns=cfg.host_netns)
         self.registration = None
         try:
             await self.scope.start()

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from controller.dataplane.links import Links, VethAttachment
-from controller.dataplane.netns import netns_exists
+from controller.dataplane.netns import netns_exists, netns_identity
 from controller.dataplane.wireguard.base import DesiredPeer as WgPeer
 from controller.dataplane.wireguard.base import KeyStore, WireGuardBackend, WireGuardError
 from controller.http.metrics import AgentMetrics
@@ -35,6 +35,13 @@ from .state import LocalState
 
 log = logging.getLogger(__name__)
 
+
+def _identity_or_none(ref: str | None) -> tuple[int, int] | None:
+    try:
+        return netns_identity(ref)
+    except OSError:
+        return None  # gone meanwhile: attaching reports it
+
 # How soon to look again when something outside etcd must appear first (a workload's namespace
 # that its container runtime has not created yet); etcd changes need no polling: they are watched.
 WAIT_FOR_NETNS = 2.0
@@ -50,8 +57,9 @@ class Outcome:
 class Reconciler:
     def __init__(self, *, ctx: NodeContext, store: EtcdStore, scope: NodeScope, links: Links,
                  wireguard: WireGuardBackend, keys: KeyStore, state: LocalState,
-                 port_range: PortRange, metrics: AgentMetrics):
+                 port_range: PortRange, metrics: AgentMetrics, host_netns: str | None = None):
         self.ctx = ctx
+        self.host_netns = host_netns
         self.store = store
         self.scope = scope
         self.links = links
@@ -234,9 +242,18 @@ class Reconciler:
         problems: dict[str, str] = {}
         wanted = {a.veth for a in desired.workloads}
         wanted |= {names.workload_veth(self.ctx.name_prefix, w) for w in keep}
+        forbidden: set | None = None  # read once, only when there is a workload
         for a in desired.workloads:
             if not netns_exists(a.netns):
                 problems[a.workload] = f"network namespace {a.netns} does not exist (yet)"
+                continue
+            if forbidden is None:
+                forbidden = self._node_namespaces()
+            if _identity_or_none(a.netns) in forbidden:
+                # A spec naming the node's own namespace (or an NR) would get a veth there and
+                # its default route replaced: never touch what is not a container's.
+                problems[a.workload] = (f"network namespace {a.netns} is this node's own or an NR's; "
+                                        "refusing to attach a workload there")
                 continue
             writes = self.links.writes
             try:
@@ -251,6 +268,11 @@ class Reconciler:
             if link.name not in wanted and names.owns_workload_veth(self.ctx.name_prefix, link.name):
                 await self.links.remove_workload(desired.netns, link.name)
         return problems
+
+    def _node_namespaces(self) -> set[tuple[int, int]]:
+        """Identities of the agent's and the node host's namespaces and of our NRs."""
+        refs = [None, self.host_netns, *(names.nr_netns(self.ctx.name_prefix, n) for n in self.state.networks)]
+        return {i for i in map(_identity_or_none, refs) if i is not None}
 
     # --- teardown --------------------------------------------------------------------------
 

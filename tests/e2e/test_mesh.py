@@ -448,3 +448,25 @@ async def test_a_listen_port_held_by_another_program_is_left_to_it(mesh):
         assert squatter.getsockname() == ("0.0.0.0", 51820)
     finally:
         squatter.close()
+
+
+async def test_a_workload_naming_the_nodes_own_namespace_or_an_nr_is_refused(mesh):
+    two = two_node_mesh(mesh)
+    host, nr = mesh.world.nodes["n1"].netns, mesh.nr_netns("n1", "blue")
+
+    def looks():
+        return {ns: (mesh.links(ns), netns_exec(ns, "ip", "-4", "route", "show").stdout) for ns in (host, nr)}
+    before = looks()
+    # Attaching would put a veth into the node's host (or an NR) and replace its default route.
+    mesh.apply("".join(
+        f"---\napiVersion: zmesh.io/v1\nkind: Workload\nmetadata: {{name: {w}}}\n"
+        f"spec: {{network: blue, node: n1, netns: {ns}, interface: zz0}}\n"
+        for w, ns in (("intruder-host", host), ("intruder-nr", nr))))
+
+    def refused(w):
+        raw = mesh.etcdctl("get", "--print-value-only", f"/zmesh/v1/status/workloads/{w}").stdout
+        return "refusing" in raw
+    wait_until(lambda: refused("intruder-host") and refused("intruder-nr"), 15, what="both refused in status")
+    time.sleep(RESYNC)  # and retried
+    assert looks() == before
+    assert all(mesh.matrix(two).values())
