@@ -12,6 +12,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from controller.dataplane.links import Links, VethAttachment
 from controller.dataplane.netns import netns_exists, netns_identity
 from controller.dataplane.wireguard.base import DesiredPeer as WgPeer
@@ -260,7 +262,7 @@ class Reconciler:
                 await self.links.ensure_workload(desired.netns, desired.bridge, VethAttachment(
                     host_ifname=a.veth, netns=a.netns, ifname=a.interface, address=a.address,
                     gateway=a.gateway, mtu=a.mtu), observed=observed)
-            except (OSError, RuntimeError) as e:
+            except (OSError, RuntimeError, NetlinkError) as e:  # this workload only
                 problems[a.workload] = str(e)
             if self.links.writes != writes:
                 observed = await self.links.observe(desired.netns, sysctls=False)

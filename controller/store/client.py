@@ -292,6 +292,7 @@ class EtcdStore:
         self._password = password
         self._factory = client_factory
         self._current = 0
+        self._unreachable = False  # since the last failover, no call has succeeded
         self._client: aetcd.Client | None = None
         self._client_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
@@ -340,7 +341,10 @@ class EtcdStore:
     async def _fail_over(self, client: aetcd.Client, why: str) -> None:
         async with self._client_lock:
             if self._client is client:  # another task may have failed over already
-                log.warning("etcd endpoint %s failed (%s); trying the next one", self.endpoint, why)
+                # Warn once per outage; while etcd stays away every retry would say it again.
+                log.log(logging.DEBUG if self._unreachable else logging.WARNING,
+                        "etcd endpoint %s failed (%s); trying the next one", self.endpoint, why)
+                self._unreachable = True
                 await self._drop_client()
                 self._current = (self._current + 1) % len(self.endpoints)
 
@@ -360,7 +364,11 @@ class EtcdStore:
                     client = None
                     try:
                         client = await self._connected()
-                        return await fn(client)
+                        result = await fn(client)
+                        if self._unreachable:
+                            self._unreachable = False
+                            log.warning("etcd answers again at %s", self.endpoint)
+                        return result
                     except grpc.aio.AioRpcError as e:
                         if e.code() == grpc.StatusCode.UNAUTHENTICATED and self._username and "token" in (e.details() or ""):
                             # etcd's auth tokens expire; a new connection authenticates again.

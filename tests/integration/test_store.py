@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import aetcd
 import pytest
@@ -112,6 +113,24 @@ async def test_all_endpoints_dead_is_a_clear_error():
     async with EtcdStore(dead, timeout=1.0) as s:
         with pytest.raises(StoreUnavailable, match="etcd unreachable at .*127.0.0.1"):
             await s.get("/x")
+
+
+async def test_an_outage_is_logged_once_and_the_recovery_once(etcd, caplog):
+    async with EtcdStore([etcd.endpoint], timeout=0.5) as s:
+        await s.put("/out/a", "1")
+        etcd.stop()
+        try:
+            with caplog.at_level(logging.DEBUG, logger="controller.store.client"):
+                for _ in range(3):
+                    with pytest.raises(StoreUnavailable):
+                        await s.get("/out/a")
+        finally:
+            etcd.start()
+        with caplog.at_level(logging.DEBUG, logger="controller.store.client"):
+            assert (await s.get("/out/a")).value == b"1"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len([m for m in warnings if "failed" in m]) == 1, warnings
+    assert len([m for m in warnings if "answers again" in m]) == 1, warnings
 
 
 async def test_store_survives_etcd_restart(etcd, store):

@@ -214,11 +214,15 @@ class UserspaceBackend(WireGuardBackend):
             # wait until the recorded process is gone (a dying one has an empty cmdline, so
             # pid() no longer vouches for it, but it may still hold the socket)
             deadline = time.monotonic() + 3.0
+            give_up = deadline + 10.0  # a process stuck in the kernel ignores even SIGKILL
             while _proc_start_time(rec[0]) == rec[1]:
                 child = self._children.get(ifname)
                 if child is not None and child.poll() is not None:
                     break
                 _reap(rec[0])
+                if time.monotonic() > give_up:
+                    raise WireGuardError(f"wireguard-go {ifname} (pid {rec[0]}) does not exit, "
+                                         "even after SIGKILL")
                 if time.monotonic() > deadline:
                     if self.pid(ifname) is not None:
                         self._kill(rec[0], signal.SIGKILL)
