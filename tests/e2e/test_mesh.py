@@ -178,7 +178,10 @@ async def test_editing_a_network_converges_without_touching_unaffected_nrs(mesh)
     mesh.zmesh("delete", "workload", "w2")  # the CLI refuses to strand a workload on a removed node
     mesh.apply(network_manifest("blue", without_n2))
     wait_until(lambda: mesh.netns_inode(mesh.nr_netns("n2", "blue")) is None, 15, what="n2's NR removed")
-    wait_until(lambda: not os.path.exists(f"/proc/{n2_pid}"), 10, what="n2's wireguard-go stopped")
+    try:
+        wait_until(lambda: not os.path.exists(f"/proc/{n2_pid}"), 10, what="n2's wireguard-go stopped")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {_proc_state(n2_pid)}; agent log: {mesh.world.agent_log('n2')[-2000:]}") from None
     mesh.wait_mesh({"w1": IPS["w1"], "w3": "10.1.30.2"})
     assert not mesh.ping(mesh.workload_ns("w1"), IPS["w2"])
 
@@ -201,11 +204,18 @@ async def test_deleting_a_network_removes_everything_it_created(mesh):
     for w in NODE_OF:
         mesh.zmesh("delete", "workload", w)
 
-    def all_gone():
-        return all(mesh.netns_inode(netns) is None and not os.path.exists(f"/proc/{pid}")
-                   and not os.path.exists(f"/var/run/wireguard/{ifname}.sock") and not keys[n].exists()
-                   for n, (netns, ifname, pid) in made.items())
-    wait_until(all_gone, 20, what="every NR, wireguard-go process, socket and key removed")
+    def leftovers():
+        left = []
+        for n, (netns, ifname, pid) in made.items():
+            left += [f"{n}: netns {netns}"] if mesh.netns_inode(netns) is not None else []
+            left += [f"{n}: process {pid} ({_proc_state(pid)})"] if os.path.exists(f"/proc/{pid}") else []
+            left += [f"{n}: socket"] if os.path.exists(f"/var/run/wireguard/{ifname}.sock") else []
+            left += [f"{n}: key"] if keys[n].exists() else []
+        return left
+    try:
+        wait_until(lambda: not leftovers(), 20, what="every NR, wireguard-go process, socket and key removed")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; left: {leftovers()}") from None
     # The workloads' namespaces are the containers': they stay, without our veth.
     for w in NODE_OF:
         assert mesh.netns_inode(mesh.workload_ns(w)) is not None
@@ -249,6 +259,16 @@ async def test_agent_restart_changes_nothing_and_traffic_keeps_flowing(mesh):
         == status_revs.count('"mod_revision"')
     assert _mod_revisions(mesh.etcdctl("get", "--prefix", "-w", "json", "/zmesh/v1/status/").stdout) \
         == _mod_revisions(status_revs)
+
+
+def _proc_state(pid: int) -> str:
+    """'state S ppid P' of a process, for failure messages."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return f"state {fields[0]} ppid {fields[1]}"
+    except (OSError, IndexError):
+        return "gone"
 
 
 def _mod_revisions(etcdctl_json: str) -> dict[str, int]:

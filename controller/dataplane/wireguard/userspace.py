@@ -57,13 +57,22 @@ def _is_wireguard_go(pid: int, ifname: str) -> bool:
     )
 
 
-def _reap(pid: int) -> None:
+def _reap(pid: int) -> bool:
     """Reap `pid` if it is our child with no Popen handle (started by an earlier backend object
-    in this process): an unreaped zombie lingers, and an orphaned one may never be reaped."""
+    in this process): an unreaped zombie lingers, and an orphaned one may never be reaped.
+    True once nothing is left to reap (reaped now, or not our child)."""
     try:
-        os.waitpid(pid, os.WNOHANG)
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
     except ChildProcessError:
-        pass
+        return True
+
+
+async def _reaped(pid: int, timeout: float = 5.0) -> None:
+    """Wait until our child `pid` is reaped. A Go process's leader turns zombie while its other
+    threads still exit, and only then can it be reaped: one WNOHANG try can come too early."""
+    deadline = time.monotonic() + timeout
+    while not _reap(pid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
 
 
 class UserspaceBackend(WireGuardBackend):
@@ -232,9 +241,10 @@ class UserspaceBackend(WireGuardBackend):
             # listening socket for a moment
             while uapi.socket_owner(ifname) == rec[0] and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
-            _reap(rec[0])
+            await _reaped(rec[0])
         child = self._children.pop(ifname, None)
-        if child is not None:
+        if child is not None and child.poll() is None:
+            await _reaped(child.pid)
             child.poll()
         sock = uapi.socket_path(ifname)
         if os.path.exists(sock) and uapi.socket_owner(ifname) is None:
