@@ -529,13 +529,11 @@ def big_network_doc(n: int) -> dict:
         {"node": f"n{i % 3 + 1}", "subnet": f"10.{i // 64}.{(i % 64) * 4}.0/30"} for i in range(n)])
 
 
-def test_a_huge_network_is_validated_quickly_with_a_bounded_report():
-    import time
-
-    start = time.monotonic()
+# The pairwise overlap check took two minutes on this input; the sorted sweep takes well under a
+# second. The timeout is a hang guard, not a speed measurement.
+@pytest.mark.timeout(60)
+def test_a_huge_network_is_validated_with_a_bounded_report():
     problems = problems_of(big_network_doc(16_000))  # about 700 KB of JSON
-    # The pairwise overlap check took two minutes here; the sweep takes well under a second.
-    assert time.monotonic() - start < 10
     assert len(problems) == 21 and problems[-1] == "... and 15977 more problem(s)"
 
 
