@@ -16,30 +16,21 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 
 from controller.planner import names
 from controller.sim.etcd import EmbeddedEtcd
-from controller.sim.world import World
+from controller.sim.world import World, metric_total, scrape_metrics
 
 RESYNC = 1.0
 
 
-def metrics(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
-
-
-def reconcile_totals(m: dict[str, float]) -> tuple[float, float]:
-    seconds = sum(v for k, v in m.items() if k.startswith("zmesh_reconcile_duration_seconds_sum"))
-    count = sum(v for k, v in m.items() if k.startswith("zmesh_reconcile_duration_seconds_count"))
-    return seconds, count
+def totals(port: int) -> tuple[float, float, float, float]:
+    """(reconcile seconds, reconciles, converged reconciles, dataplane writes) so far."""
+    text = scrape_metrics(port)
+    return (metric_total(text, "zmesh_reconcile_duration_seconds_sum"),
+            metric_total(text, "zmesh_reconcile_duration_seconds_count"),
+            metric_total(text, "zmesh_reconcile_total", result="converged"),
+            metric_total(text, "zmesh_dataplane_writes_total"))
 
 
 async def main(n: int) -> None:
@@ -61,21 +52,16 @@ async def main(n: int) -> None:
             started = time.monotonic()
             nrs = [names.nr_netns(node.name_prefix, f"net{i}") for i in range(n)]
             while True:
-                m = metrics(node.metrics_port)
-                ready = sum(v for k, v in m.items() if k.startswith("zmesh_reconcile_total") and 'result="converged"' in k)
-                if ready >= n:
+                if totals(node.metrics_port)[2] >= n:
                     break
                 if time.monotonic() - started > 300:
                     raise SystemExit("did not converge in 300 s")
                 time.sleep(0.2)
             print(f"{n} NRs converged in {time.monotonic() - started:.1f} s after apply")
             time.sleep(RESYNC * 2)
-            s0, c0 = reconcile_totals(metrics(node.metrics_port))
-            writes0 = sum(v for k, v in metrics(node.metrics_port).items() if k.startswith("zmesh_dataplane_writes_total"))
+            s0, c0, _, writes0 = totals(node.metrics_port)
             time.sleep(RESYNC * 5)
-            m = metrics(node.metrics_port)
-            s1, c1 = reconcile_totals(m)
-            writes1 = sum(v for k, v in m.items() if k.startswith("zmesh_dataplane_writes_total"))
+            s1, c1, _, writes1 = totals(node.metrics_port)
             ours = (s1 - s0) / (c1 - c0)
 
             samples = []

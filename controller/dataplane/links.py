@@ -241,12 +241,17 @@ class Links:
     ) -> int:
         """An existing link (e.g. the wg interface) has this MTU and is up."""
         ipr = await self.pool.get(netns)
+        _, link = await self._existing_link(netns, name, observed)
+        return await self._ensure_link_attrs(ipr, link, mtu=mtu, up=up)
+
+    async def _existing_link(self, netns: str, name: str, observed: NRState | None):
+        """(state, link) for a link that must exist; `observed` is used if it has the link."""
         st = observed if observed is not None and observed.link(name) else None
         st = st or await self.observe(netns, sysctls=False)
         link = st.link(name)
         if link is None:
             raise FileNotFoundError(errno.ENODEV, f"no link {name} in {netns}")
-        return await self._ensure_link_attrs(ipr, link, mtu=mtu, up=up)
+        return st, link
 
     async def move_link(self, src_netns: str | None, name: str, dst_netns: str) -> None:
         """Move a link between namespaces (about 20 ms: only for links made elsewhere, e.g. TUN)."""
@@ -294,11 +299,7 @@ class Links:
         """
         want = {IPv4Network(d) for d in dsts}
         ipr = await self.pool.get(netns)
-        st = observed if observed is not None and observed.link(dev) else None
-        st = st or await self.observe(netns, sysctls=False)
-        link = st.link(dev)
-        if link is None:
-            raise FileNotFoundError(errno.ENODEV, f"no link {dev} in {netns}")
+        st, link = await self._existing_link(netns, dev, observed)
         have = st.routes_via(dev)
         n = 0
         for dst in sorted(set(have) - want):

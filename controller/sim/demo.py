@@ -37,7 +37,7 @@ from controller.models.manifest import ManifestError, parse_object, split_docume
 from controller.models.resources import Network, Workload
 from controller.planner import names
 from controller.sim.etcd import EmbeddedEtcd, EtcdStartError
-from controller.sim.world import World
+from controller.sim.world import World, metric_total, scrape_metrics
 from controller.store.client import EtcdStore
 
 NETWORK = "demo"
@@ -170,22 +170,7 @@ async def ping(netns: str, address: str, count: int = 1) -> Probe:
 
 async def scrape(port: int) -> str:
     """An agent's /metrics (urllib in a thread: one request, no session to manage)."""
-    import urllib.request
-
-    def get() -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-            return r.read().decode()
-    return await asyncio.to_thread(get)
-
-
-def metric_value(text: str, sample: str, labels: dict[str, str]) -> float | None:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return None
+    return await asyncio.to_thread(scrape_metrics, port)
 
 
 async def http_ok(port: int, path: str) -> bool:
@@ -478,8 +463,8 @@ class Demo:
         while True:
             for node in w.nodes.values():
                 text = await scrape(node.metrics_port)
-                rx = metric_value(text, "zmesh_wireguard_received_bytes_total", {"network": NETWORK})
-                tx = metric_value(text, "zmesh_wireguard_sent_bytes_total", {"network": NETWORK})
+                rx = metric_total(text, "zmesh_wireguard_received_bytes_total", network=NETWORK)
+                tx = metric_total(text, "zmesh_wireguard_sent_bytes_total", network=NETWORK)
                 totals[node.node_id] = (rx or 0, tx or 0)
             if all(rx > 0 and tx > 0 for rx, tx in totals.values()) or time.monotonic() > deadline:
                 break

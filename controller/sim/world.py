@@ -79,6 +79,22 @@ def netns_exec(netns: str, *cmd: str, timeout: float = 30, check: bool = False) 
                           timeout=timeout, check=check)
 
 
+def scrape_metrics(port: int) -> str:
+    """The Prometheus text an agent serves on /metrics (loopback)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+        return r.read().decode()
+
+
+def metric_total(text: str, sample: str, **labels: str) -> float:
+    """The sum of every `sample` series in `text` whose labels include `labels` (0 if none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
 def free_tcp_port() -> int:
     import socket
 
@@ -285,4 +301,4 @@ def in_process_group_guard() -> None:
 
 
 __all__ = ["World", "SimNode", "new_world_id", "netns_exec", "run_ip_batch", "INTERNET_HOST",
-           "free_tcp_port", "in_process_group_guard"]
+           "free_tcp_port", "in_process_group_guard", "scrape_metrics", "metric_total"]

@@ -13,7 +13,7 @@ import urllib.request
 
 from controller.dataplane.wireguard import uapi
 from controller.planner import names
-from controller.sim.world import World, netns_exec
+from controller.sim.world import World, metric_total, netns_exec, scrape_metrics
 
 ZMESH = [sys.executable, "-m", "controller.cli.main"]
 RESYNC = 1.5  # seconds: short, so "repaired within one resync" is quick to observe
@@ -71,19 +71,12 @@ class Mesh:
     def url(self, node_id: str, path: str) -> str:
         return f"http://127.0.0.1:{self.world.nodes[node_id].metrics_port}{path}"
 
-    def metrics(self, node_id: str) -> dict[str, float]:
-        """`name{labels}` -> value from the agent's /metrics."""
-        with urllib.request.urlopen(self.url(node_id, "/metrics"), timeout=2) as r:
-            text = r.read().decode()
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                out[key] = float(value)
-        return out
+    def metrics_text(self, node_id: str) -> str:
+        return scrape_metrics(self.world.nodes[node_id].metrics_port)
 
-    def metric_sum(self, node_id: str, name: str) -> float:
-        return sum(v for k, v in self.metrics(node_id).items() if k == name or k.startswith(name + "{"))
+    def metric_sum(self, node_id: str, name: str, **labels: str) -> float:
+        """The sum of the agent's `name` series whose labels include `labels`."""
+        return metric_total(self.metrics_text(node_id), name, **labels)
 
     def workload_ns(self, name: str) -> str:
         return f"{self.world.id}-{name}"
