@@ -42,6 +42,7 @@ KIND_ALIASES = {
     "node": "Node", "nodes": "Node",
 }
 APPLY_KINDS = ("Network", "Workload")
+APPLY_ATTEMPTS = 10  # passes of validate-then-write while other applies keep winning the race
 
 
 class CliError(Exception):
@@ -296,24 +297,43 @@ def cross_problems(objects: list, networks: dict[str, Network], workloads: dict[
 
 
 async def cmd_apply(args, store: StoreView) -> int:
+    from controller.store.client import StaleView  # lazy: gRPC only for commands that need it
+
     objects, problems, broken = read_manifests(args.filename)
-    networks, workloads = await store.networks(), await store.workloads()
-    problems += cross_problems(objects, {n.name: n for n in networks}, {w.name: w for w in workloads},
-                               await store.registered_nodes(), broken)
-    if problems:
-        raise Problems(problems + [f"nothing applied: {len(problems)} problem(s)"])
-    current = {("Network", n.name): n for n in networks} | {("Workload", w.name): w for w in workloads}
-    # Networks first: a workload is only valid once its network exists.
-    for obj in sorted(objects, key=lambda o: APPLY_KINDS.index(o.kind)):
-        old = current.get((obj.kind, obj.name))
-        if old is not None and to_json(old) == to_json(obj):
-            result = "unchanged"
-        else:
-            if not args.dry_run:
-                await store.apply(obj)
-            result = "created" if old is None else "configured"
-        print(f"{_ref(obj)} {result}{' (dry run)' if args.dry_run and result != 'unchanged' else ''}")
-    return EXIT_OK
+    results: dict[tuple[str, str], str] = {}  # what each object's apply did, across passes
+    try:
+        for _attempt in range(APPLY_ATTEMPTS):
+            # The guard is read before the specs and compared by every write: if another apply
+            # wrote in between, our validation is stale and is done again on fresh data.
+            guard = await store.specs_revision()
+            networks, workloads = await store.networks(), await store.workloads()
+            found = problems + cross_problems(objects, {n.name: n for n in networks},
+                                              {w.name: w for w in workloads},
+                                              await store.registered_nodes(), broken)
+            if found:
+                raise Problems(found + [f"nothing applied: {len(found)} problem(s)"])
+            current = {("Network", n.name): n for n in networks} | {("Workload", w.name): w for w in workloads}
+            try:
+                # Networks first: a workload is only valid once its network exists.
+                for obj in sorted(objects, key=lambda o: APPLY_KINDS.index(o.kind)):
+                    key = (obj.kind, obj.name)
+                    old = current.get(key)
+                    if old is not None and to_json(old) == to_json(obj):
+                        results.setdefault(key, "unchanged")  # or what an earlier pass did
+                        continue
+                    if not args.dry_run:
+                        guard = await store.apply(obj, guard)
+                    results[key] = "created" if old is None else "configured"
+            except StaleView:
+                continue  # what we wrote stays (it was valid) and reads as unchanged next pass
+            return EXIT_OK
+        raise CliError(f"the specs kept changing while applying ({APPLY_ATTEMPTS} attempts); try again")
+    finally:
+        for obj in sorted(objects, key=lambda o: APPLY_KINDS.index(o.kind)):
+            result = results.get((obj.kind, obj.name))
+            if result is not None:
+                dry = " (dry run)" if args.dry_run and result != "unchanged" else ""
+                print(f"{_ref(obj)} {result}{dry}")
 
 
 async def cmd_get(args, store: StoreView) -> int:

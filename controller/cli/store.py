@@ -114,9 +114,16 @@ class StoreView:
         w = next((w for w in await self.workloads() if w.name == name), None)
         return None if w is None else WorkloadView(w, await self.workload_status(name))
 
-    async def apply(self, obj) -> None:
-        await self.store.apply(obj)
-        self._cache.clear()
+    async def specs_revision(self) -> int:
+        return await self.store.specs_revision()
+
+    async def apply(self, obj, guard: int | None = None) -> int:
+        """Write `obj` if no spec changed since `guard` (StaleView otherwise); the new guard."""
+        try:
+            written = await self.store.apply(obj, guard=guard)
+        finally:
+            self._cache.clear()  # written, or stale: either way the next read must be fresh
+        return written.metadata.generation
 
     async def delete(self, kind: str, name: str) -> bool:
         deleted = await self.store.delete_object(kind, name)

@@ -84,6 +84,10 @@ class Conflict(StoreError):
     """An optimistic-concurrency update lost too many races in a row."""
 
 
+class StaleView(StoreError):
+    """Specs changed since the caller read (and validated against) them: read and check again."""
+
+
 # --- values -----------------------------------------------------------------------------------
 
 
@@ -652,14 +656,19 @@ class EtcdStore:
                 errors.append(ObjectError(e.key, "; ".join(err.problems)))
         return objects, errors
 
-    async def apply(self, obj: Network | Workload, *, max_attempts: int = 20) -> Network | Workload:
+    async def apply(self, obj: Network | Workload, *, guard: int | None = None,
+                    max_attempts: int = 20) -> Network | Workload:
         """Write the spec and its node-index entries in one transaction.
 
         Guarded by the spec key's mod_revision as read just before: on a concurrent change the
         read and write are retried. Index entries of nodes the old spec referenced and the new
         one does not are deleted (even if the old value was malformed). Returns the object with
-        metadata.generation set."""
-        return await self._cas_spec(obj.kind, obj.name, lambda _current: obj, max_attempts)
+        metadata.generation set (which is also the specs guard's new revision).
+
+        `guard`: the `specs_revision()` the caller validated against; if any spec was written
+        through the store since, nothing is written and `StaleView` is raised, so validation
+        across objects (e.g. two workloads wanting one IP) cannot race another apply."""
+        return await self._cas_spec(obj.kind, obj.name, lambda _current: obj, max_attempts, guard)
 
     async def update(
         self, kind: SpecKind, name: str, mutate: Callable[[Network | Workload | None], Network | Workload | None],
@@ -674,8 +683,15 @@ class EtcdStore:
 
         return await self._cas_spec(kind, name, make, max_attempts)
 
-    async def _cas_spec(self, kind: str, name: str, make, max_attempts: int):
+    async def specs_revision(self) -> int:
+        """The specs guard's revision: read it *before* reading the specs an apply is validated
+        against, then pass it as `apply(..., guard=)`."""
+        entry = await self.get(self.layout.specs_guard())
+        return entry.mod_revision if entry else 0
+
+    async def _cas_spec(self, kind: str, name: str, make, max_attempts: int, guard: int | None = None):
         key = self.spec_key(kind, name)
+        guard_key = self.layout.specs_guard()
         for attempt in range(max_attempts):
             current = await self.get(key)
             new = make(current)
@@ -689,13 +705,17 @@ class EtcdStore:
             # by hand); values are empty so this is cheap.
             ops: list[Op] = [Put(key, to_json(new))] + [Put(k, b"") for k in sorted(new_index)]
             ops += [Delete(k) for k in sorted(old_index - new_index)]
-            res = await self._txn_checked(
-                [mod_revision_is(key, current.mod_revision if current else 0)], ops, f"apply {kind}/{name}"
-            )
+            compare = [mod_revision_is(key, current.mod_revision if current else 0)]
+            ops.append(Put(guard_key, b""))
+            if guard is not None:
+                compare.append(mod_revision_is(guard_key, guard))
+            res = await self._txn_checked(compare, ops, f"apply {kind}/{name}")
             if res.succeeded:
                 out = new.model_copy(deep=True)
-                out.metadata.generation = res.revision
+                out.metadata.generation = res.revision  # also the guard's new revision
                 return out
+            if guard is not None and await self.specs_revision() != guard:
+                raise StaleView(f"apply {kind}/{name}: the specs changed since they were validated")
             await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
         raise Conflict(f"apply {kind}/{name}: the spec kept changing under us ({max_attempts} attempts)")
 
@@ -707,7 +727,7 @@ class EtcdStore:
             current = await self.get(key)
             if current is None:
                 return False
-            ops: list[Op] = [Delete(key)]
+            ops: list[Op] = [Delete(key), Put(self.layout.specs_guard(), b"")]
             ops += [Delete(k) for k in sorted(self.index_keys(kind, name, lenient_nodes(kind, current.value) or ()))]
             res = await self._txn_checked([mod_revision_is(key, current.mod_revision)], ops, f"delete {kind}/{name}")
             if res.succeeded:

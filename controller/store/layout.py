@@ -70,6 +70,11 @@ class Layout:
     def index_root(self) -> str:
         return f"{self.root}index/"
 
+    def specs_guard(self) -> str:
+        """Bumped by every spec write the CLI/store makes, and compared in it: an apply that
+        validated against revision G of the specs writes only while nothing changed since G."""
+        return f"{self.root}guard/specs"
+
     def leader(self, role: str) -> str:
         return f"{self.root}leader/{role}"
 

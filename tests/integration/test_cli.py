@@ -152,6 +152,28 @@ def test_one_bad_document_means_nothing_is_written(cli, tmp_path):
     assert spec_keys(cli) == []
 
 
+def test_concurrent_applies_of_conflicting_workloads_never_both_land(cli, tmp_path):
+    """Validation across objects is not racy: of two applies started together that each claim
+    10.1.1.50, exactly one lands and the other is refused with the conflict, every round."""
+    cli.ok("apply", "-f", manifest_file(tmp_path, network()))
+    for round_ in range(6):
+        files = [manifest_file(tmp_path, workload(f"r{round_}-{side}", ip="10.1.1.50"), name=f"{round_}{side}.yaml")
+                 for side in "ab"]
+        procs = [subprocess.Popen([ZMESH, "--etcd", cli.etcd.endpoint, "apply", "-f", f], text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for f in files]
+        outcomes = [(p.wait(60), p.stdout.read(), p.stderr.read()) for p in procs]
+        for p in procs:
+            p.stdout.close()
+            p.stderr.close()
+        assert sorted(code for code, _, _ in outcomes) == [0, 1], outcomes
+        loser = next(err for code, _, err in outcomes if code == 1)
+        assert "ip 10.1.1.50 is already used by workload" in loser, loser
+        stored = [w["metadata"]["name"] for w in cli.json("get", "workloads")["items"]
+                  if w["spec"].get("ip") == "10.1.1.50"]
+        assert len(stored) == 1, stored
+        cli.ok("delete", "workload", stored[0])
+
+
 def test_an_unregistered_node_is_an_error(cli, tmp_path):
     code, _, err = cli("apply", "-f", manifest_file(tmp_path, network(nodes=("n1", "n9"))))
     assert code == 1 and "zmesh: network/blue: node 'n9' is not a registered node" in err

@@ -18,6 +18,7 @@ from controller.store.client import (
     EtcdStore,
     Get,
     Put,
+    StaleView,
     StoreError,
     StoreUnavailable,
     absent,
@@ -167,7 +168,27 @@ async def test_apply_get_list_delete_round_trip(store):
     assert await store.get_object("Network", "net1") is None
     assert await keys(store, lay.index_root()) == [lay.index_workload("node-a", "w1")]
     assert await store.delete_object("Workload", "w1")
-    assert await keys(store, lay.root) == []
+    assert await keys(store, lay.root) == [lay.specs_guard()]  # the write guard stays, empty
+
+
+async def test_an_apply_validated_before_another_write_is_refused_and_writes_nothing(store):
+    guard = await store.specs_revision()
+    await store.apply(network("first"))  # another apply wins the race after we validated
+    with pytest.raises(StaleView):
+        await store.apply(network("second"), guard=guard)
+    assert await store.get_object("Network", "second") is None
+    # Validated again on fresh data, it goes through; our own write moves the guard for us.
+    fresh = await store.specs_revision()
+    written = await store.apply(network("second"), guard=fresh)
+    assert (await store.apply(network("third"), guard=written.metadata.generation)).name == "third"
+
+
+async def test_a_delete_also_makes_older_validations_stale(store):
+    await store.apply(network("net1"))
+    guard = await store.specs_revision()
+    assert await store.delete_object("Network", "net1")
+    with pytest.raises(StaleView):
+        await store.apply(workload(), guard=guard)  # its network was validated, then deleted
 
 
 async def test_value_written_by_hand_reads_like_the_cli(store):
