@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+
+log = logging.getLogger(__name__)
+
+# A cancellation can be swallowed (grpc.aio turns some into errors a retry loop absorbs), so
+# stop() cancels again a few times, and never waits forever: shutdown must end.
+STOP_ATTEMPTS = 5
+STOP_WAIT = 1.0
 
 
 class Service:
@@ -20,9 +28,16 @@ class Service:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
+        if task is None:
+            return
+        for _ in range(STOP_ATTEMPTS):
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            done, _pending = await asyncio.wait({task}, timeout=STOP_WAIT)
+            if done:
+                if not task.cancelled():
+                    task.exception()  # retrieved: a crash here was logged by the task itself
+                return
+        log.error("%r did not stop after %d cancellations; leaving it", self, STOP_ATTEMPTS)
 
     async def __aenter__(self):
         return await self.start()
