@@ -12,10 +12,10 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from controller.models.manifest import ManifestError, parse_json_value
+from controller.models.manifest import ManifestError
 from controller.models.resources import Network, ResourceStatus, Workload
 from controller.store.cache import WatchCache
-from controller.store.client import EtcdStore
+from controller.store.client import Entry, EtcdStore
 
 log = logging.getLogger(__name__)
 
@@ -113,18 +113,17 @@ class NodeScope:
 
     def network(self, name: str) -> tuple[Network | None, str | None]:
         """(spec, None), (None, None) if absent, or (None, message) if malformed."""
-        cache = self._specs.get(name)
-        kv = cache.get(self.layout.network(name)) if cache else None
+        return self._decode("Network", self._specs.get(name), self.layout.network(name))
+
+    def _decode(self, kind: str, cache: WatchCache | None, key: str):
+        """A cached spec decoded exactly as the store decodes it (name check, generation)."""
+        kv = cache.get(key) if cache else None
         if kv is None:
             return None, None
         try:
-            obj = parse_json_value(kv.value, self.layout.network(name), kinds=("Network",))
+            return self.store.decode_spec(kind, Entry(key, kv.value, kv.mod_revision, 0, 0)), None
         except ManifestError as e:
             return None, "; ".join(e.problems)
-        if obj.metadata.name != name:
-            return None, f"metadata.name {obj.metadata.name!r} does not match the key's name {name!r}"
-        obj.metadata.generation = kv.mod_revision
-        return obj, None
 
     def statuses(self, network: str) -> dict[str, ResourceStatus]:
         cache = self._statuses.get(network)
@@ -147,16 +146,7 @@ class NodeScope:
         return kv.value if kv else None
 
     def workload(self, name: str) -> tuple[Workload | None, str | None]:
-        cache = self._workloads.get(name)
-        kv = cache.get(self.layout.workload(name)) if cache else None
-        if kv is None:
-            return None, None
-        try:
-            obj = parse_json_value(kv.value, self.layout.workload(name), kinds=("Workload",))
-        except ManifestError as e:
-            return None, "; ".join(e.problems)
-        obj.metadata.generation = kv.mod_revision
-        return obj, None
+        return self._decode("Workload", self._workloads.get(name), self.layout.workload(name))
 
     def workloads_of(self, network: str) -> tuple[list[Workload], dict[str, str]]:
         """This node's workloads that name `network`, and malformed workload values by name."""
