@@ -375,7 +375,8 @@ async def cmd_describe(args, store: StoreView) -> int:
             return EXIT_OK
         data = output.manifest(view.network)
         data["status"] = {"readyResources": view.ready_count, "ready": view.ready,
-                          "resources": [output.manifest(s) for s in view.statuses.values()]}
+                          "resources": [output.manifest(s) for s in view.statuses.values()],
+                          "facts": [output.manifest(f) for f in view.facts.values()]}
     else:
         view = await store.workload_view(args.name)
         if view is None:

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from controller.models.resources import Condition, Network, Node, ResourceStatus, Workload, WorkloadStatus
+from controller.models.resources import (
+    Condition, Network, NetworkResourceFacts, Node, ResourceStatus, Workload, WorkloadStatus,
+)
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
@@ -57,6 +59,7 @@ def nr_ready(status: ResourceStatus | None, generation: int | None) -> bool:
 class NetworkView:
     network: Network
     statuses: dict[str, ResourceStatus] = field(default_factory=dict)  # node → status
+    facts: dict[str, NetworkResourceFacts] = field(default_factory=dict)  # node → published facts
 
     @property
     def ready_count(self) -> int:
@@ -154,18 +157,17 @@ def describe_network(view: NetworkView, nodes: dict[str, NodeView]) -> str:
         where = ("unregistered node" if node is None else
                  f"{'hidden' if node.node.spec.hidden else 'public'}, {'alive' if node.alive else 'NOT alive'}")
         lines.append(f"  {r.node}  subnet {r.subnet}  gateway {r.gateway}  ({where})")
-        st = view.statuses.get(r.node)
+        st, published = view.statuses.get(r.node), view.facts.get(r.node)
+        if published is not None:
+            facts = [f"listen port {published.listenPort}"]
+            if published.endpoints:
+                facts.append("endpoints " + ", ".join(str(e) for e in published.endpoints))
+            facts.append(f"public key {published.publicKey}")
+            lines.append("    " + "; ".join(facts))
         if st is None:
             lines.append("    status: none reported yet")
             continue
-        facts = [f"observedGeneration {st.observedGeneration}"]
-        if st.listenPort:
-            facts.append(f"listen port {st.listenPort}")
-        if st.endpoints:
-            facts.append("endpoints " + ", ".join(str(e) for e in st.endpoints))
-        if st.publicKey:
-            facts.append(f"public key {st.publicKey}")
-        lines.append("    " + "; ".join(facts))
+        lines.append(f"    observedGeneration {st.observedGeneration}")
         lines += _conditions_lines(st.conditions, "    ")
     return "\n".join(lines)
 

@@ -9,7 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from controller.models.manifest import ManifestError, parse_json_value
-from controller.models.resources import Network, ResourceStatus, Workload, WorkloadStatus
+from controller.models.resources import Network, Workload, WorkloadStatus
 from controller.store.layout import Layout
 
 from .output import NetworkView, NodeView, WorkloadView
@@ -60,59 +60,58 @@ class StoreView:
     async def workloads(self) -> list[Workload]:
         return await self._objects("Workload")
 
-    async def _parsed(self, prefix: str, kind: str) -> list:
-        """Every value under `prefix` parsed as `kind`; malformed ones become warnings."""
-        entries, _ = await self.store.list_prefix(prefix)
-        out = []
-        for e in entries:
-            try:
-                out.append(parse_json_value(e.value, e.key, (kind,)))
-            except ManifestError as err:
-                self._warn(["; ".join(str(err).splitlines())])
-        return out
-
     async def registered_nodes(self) -> set[str]:
         """Names of every node record, even a malformed one: the node exists all the same."""
-        entries, _ = await self.store.list_prefix(self.layout.nodes(), keys_only=True)
-        return {e.key[len(self.layout.nodes()):] for e in entries}
+        return await self.store.registered_nodes()
 
     async def nodes(self) -> list[NodeView]:
-        nodes = await self._parsed(self.layout.nodes(), "Node")
+        nodes = await self.store.list_nodes()
         alive = await self.store.alive_nodes()
         return [NodeView(n, n.name in alive) for n in sorted(nodes, key=lambda n: n.name)]
 
-    async def statuses(self, network: str) -> dict[str, ResourceStatus]:
-        return {s.node: s for s in await self._parsed(self.layout.nr_statuses(network), "NetworkResourceStatus")}
+    async def _network_view(self, network: Network) -> NetworkView:
+        """The network with what each of its nodes published: status and facts (the keys
+        of its nodes only, read in batches; never the whole node tree)."""
+        nodes = network.spec.nodes
+        keys = [k for n in nodes for k in (self.layout.nr_status(n, network.name),
+                                            self.layout.facts(n, network.name))]
+        entries = await self.store.get_many(keys)
+        statuses, facts = {}, {}
+        for n in nodes:
+            st = self._parse_entry(entries.get(self.layout.nr_status(n, network.name)), "NetworkResourceStatus")
+            fa = self._parse_entry(entries.get(self.layout.facts(n, network.name)), "NetworkResourceFacts")
+            if st is not None and (st.node, st.network) == (n, network.name):
+                statuses[n] = st
+            if fa is not None and (fa.node, fa.network) == (n, network.name):
+                facts[n] = fa
+        return NetworkView(network, statuses, facts)
 
-    async def network_views(self) -> list[NetworkView]:
-        # One range over every NR status rather than one request per network.
-        by_network: dict[str, dict[str, ResourceStatus]] = {}
-        every_status = self.layout.nr_statuses("").rstrip("/") + "/"
-        for st in await self._parsed(every_status, "NetworkResourceStatus"):
-            by_network.setdefault(st.network, {})[st.node] = st
-        return [NetworkView(n, by_network.get(n.name, {})) for n in await self.networks()]
-
-    async def network_view(self, name: str) -> NetworkView | None:
-        net = next((n for n in await self.networks() if n.name == name), None)
-        return None if net is None else NetworkView(net, await self.statuses(name))
-
-    async def workload_status(self, name: str) -> WorkloadStatus | None:
-        key = self.layout.workload_status(name)
-        entry = await self.store.get(key)
+    def _parse_entry(self, entry, kind: str):
         if entry is None:
             return None
         try:
-            return parse_json_value(entry.value, key, ("WorkloadStatus",))
+            return parse_json_value(entry.value, entry.key, (kind,))
         except ManifestError as err:
             self._warn(["; ".join(str(err).splitlines())])
             return None
 
+    async def network_views(self) -> list[NetworkView]:
+        return [await self._network_view(n) for n in await self.networks()]
+
+    async def network_view(self, name: str) -> NetworkView | None:
+        net = next((n for n in await self.networks() if n.name == name), None)
+        return None if net is None else await self._network_view(net)
+
+    async def workload_status(self, workload: Workload) -> WorkloadStatus | None:
+        key = self.layout.workload_status(workload.spec.node, workload.name)
+        return self._parse_entry(await self.store.get(key), "WorkloadStatus")
+
     async def workload_views(self) -> list[WorkloadView]:
-        return [WorkloadView(w, await self.workload_status(w.name)) for w in await self.workloads()]
+        return [WorkloadView(w, await self.workload_status(w)) for w in await self.workloads()]
 
     async def workload_view(self, name: str) -> WorkloadView | None:
         w = next((w for w in await self.workloads() if w.name == name), None)
-        return None if w is None else WorkloadView(w, await self.workload_status(name))
+        return None if w is None else WorkloadView(w, await self.workload_status(w))
 
     async def specs_revision(self) -> int:
         return await self.store.specs_revision()

@@ -10,6 +10,8 @@ each other (workload vs. its network, network vs. registered nodes) are in `vali
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import re
 from datetime import datetime, timezone
@@ -17,10 +19,10 @@ from typing import Annotated, Literal, Union
 
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     BaseModel,
     ConfigDict,
     Field,
-    IPvAnyAddress,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -73,6 +75,58 @@ def _check_netns(value: str) -> str:
     return value
 
 
+MAX_ENDPOINTS = 16  # more public addresses than any real node has: a bound for hostile values
+
+
+def parse_public_address(v):
+    """An address other nodes can send WireGuard packets to: IPv4 or IPv6 unicast, written as
+    text, without a zone index (`fe80::1%eth0`: a zone is meaningless to another node, and its
+    text would reach the WireGuard configuration), and never loopback, link-local, multicast,
+    unspecified, reserved or IPv4-mapped."""
+    if isinstance(v, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        address = v
+    elif isinstance(v, str) and "%" not in v and v.isascii() and v.strip() == v:
+        try:
+            address = ipaddress.ip_address(v)
+        except ValueError:
+            raise ValueError(f"{v[:64]!r} is not an IPv4 or IPv6 address") from None
+    else:
+        raise ValueError(f"{str(v)[:64]!r} is not an IPv4 or IPv6 address without a zone index")
+    why = _not_public(address)
+    if why:
+        raise ValueError(f"{address} is {why}, not an address other nodes can reach")
+    return address
+
+
+def _not_public(a: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    if a.is_unspecified:
+        return "unspecified"
+    if a.is_loopback:
+        return "a loopback address"
+    if a.is_link_local:
+        return "link-local"
+    if a.is_multicast:
+        return "multicast"
+    if a.version == 4 and (a.is_reserved or a in ipaddress.IPv4Network("0.0.0.0/8")):
+        return "reserved"
+    if a.version == 6 and a.ipv4_mapped is not None:
+        return "an IPv4-mapped IPv6 address"
+    return None
+
+
+def _wireguard_key(v):
+    """A WireGuard public key as published: standard base64 of exactly 32 bytes."""
+    if not isinstance(v, str) or len(v) != 44:
+        raise ValueError("not a WireGuard public key (44 characters of base64)")
+    try:
+        raw = base64.b64decode(v, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise ValueError("not a WireGuard public key (base64 of 32 bytes)")
+    return v
+
+
 # The JSON Schemas in crds/ say the same as the validators, so editors can check manifests early.
 _NAME_SCHEMA = {"type": "string", "pattern": _NAME_RE.pattern, "minLength": 1, "maxLength": NAME_MAX}
 Name = Annotated[str, AfterValidator(_check_name), WithJsonSchema(_NAME_SCHEMA)]
@@ -80,6 +134,11 @@ NodeId = Annotated[str, AfterValidator(_check_name), WithJsonSchema(_NAME_SCHEMA
 IfName = Annotated[str, AfterValidator(_check_ifname),
                    WithJsonSchema({"type": "string", "pattern": _IFNAME_RE.pattern})]
 NetnsRef = Annotated[str, AfterValidator(_check_netns), WithJsonSchema({"type": "string", "minLength": 1})]
+PublicAddress = Annotated[ipaddress.IPv4Address | ipaddress.IPv6Address, BeforeValidator(parse_public_address),
+                          WithJsonSchema({"type": "string", "format": "ip-address"})]
+WireGuardKey = Annotated[str, AfterValidator(_wireguard_key),
+                         WithJsonSchema({"type": "string", "pattern": "^[A-Za-z0-9+/]{43}=$"})]
+ListenPort = Annotated[int, Field(ge=1, le=65535, strict=True)]
 
 
 class _Strict(BaseModel):
@@ -310,7 +369,7 @@ class PortRange(_Strict):
 
 class NodeSpec(_Strict):
     # Public addresses (IPv4 and/or IPv6) other nodes can reach; none means the node is hidden.
-    endpoints: list[IPvAnyAddress] = Field(default_factory=list)
+    endpoints: list[PublicAddress] = Field(default_factory=list, max_length=MAX_ENDPOINTS)
     listenPortRange: PortRange = Field(default_factory=PortRange)
     version: str = ""
     capabilities: list[str] = Field(default_factory=list)
@@ -335,11 +394,15 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
 
 
+MAX_CONDITIONS = 16
+MAX_MESSAGE = 1024  # a condition message names a few subjects and a count, never all of them
+
+
 class Condition(_Strict):
-    type: str
+    type: str = Field(max_length=64)
     status: ConditionStatus
-    reason: str = ""
-    message: str = ""
+    reason: str = Field("", max_length=64)
+    message: str = Field("", max_length=MAX_MESSAGE)
     lastTransitionTime: datetime = Field(default_factory=utcnow)
 
 
@@ -361,19 +424,40 @@ def set_condition(conditions: list[Condition], new: Condition) -> list[Condition
 
 
 class ResourceStatus(_Strict):
-    """What one node's agent publishes about its NR of one network (never a private key)."""
+    """How one node's NR of one network is doing: conditions for people and tools. Peers never
+    read it (they read `NetworkResourceFacts`), so a condition change wakes no other node."""
 
     apiVersion: Literal["zmesh.io/v1"] = API_VERSION
     kind: Literal["NetworkResourceStatus"] = "NetworkResourceStatus"
     network: Name
     node: NodeId
     observedGeneration: int = 0
-    conditions: list[Condition] = Field(default_factory=list)
-    # Facts the other NRs of the network need to peer with this one.
-    publicKey: str | None = None
-    listenPort: int | None = None
-    endpoints: list[IPvAnyAddress] = Field(default_factory=list)
-    subnet: ipaddress.IPv4Network | None = None
+    conditions: list[Condition] = Field(default_factory=list, max_length=MAX_CONDITIONS)
+
+
+class NetworkResourceFacts(_Strict):
+    """What the other NRs of a network need to peer with one node's NR, and nothing else (never
+    a private key). Written by that node's agent; read by every peer, so strictly validated:
+    a value that fails here is reported and that one peer is not peered."""
+
+    apiVersion: Literal["zmesh.io/v1"] = API_VERSION
+    kind: Literal["NetworkResourceFacts"] = "NetworkResourceFacts"
+    network: Name
+    node: NodeId
+    publicKey: WireGuardKey
+    listenPort: ListenPort
+    # None: the node is hidden (behind NAT); it dials out and peers learn its address.
+    endpoints: list[PublicAddress] = Field(default_factory=list, max_length=MAX_ENDPOINTS)
+    subnet: ipaddress.IPv4Network
+
+    @field_validator("subnet", mode="before")
+    @classmethod
+    def _strict_subnet(cls, v):
+        return _parse_network(v)
+
+    @property
+    def public(self) -> bool:
+        return bool(self.endpoints)
 
 
 class WorkloadStatus(_Strict):
@@ -381,8 +465,9 @@ class WorkloadStatus(_Strict):
     kind: Literal["WorkloadStatus"] = "WorkloadStatus"
     workload: Name
     node: NodeId
+    network: Name | None = None  # the network it is attached to (None: its spec is unreadable)
     observedGeneration: int = 0
-    conditions: list[Condition] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list, max_length=MAX_CONDITIONS)
     # The address in use: the spec's fixed ip, or the one the node allocated (kept stable).
     ip: ipaddress.IPv4Address | None = None
 
@@ -397,5 +482,6 @@ KINDS: dict[str, type[BaseModel]] = {
 # Documents written by agents; parse_object accepts them only when asked for by kind.
 STATUS_KINDS: dict[str, type[BaseModel]] = {
     "NetworkResourceStatus": ResourceStatus,
+    "NetworkResourceFacts": NetworkResourceFacts,
     "WorkloadStatus": WorkloadStatus,
 }

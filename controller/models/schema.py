@@ -15,13 +15,14 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .resources import API_VERSION, Network, Node, ResourceStatus, Workload, WorkloadStatus
+from .resources import API_VERSION, Network, NetworkResourceFacts, Node, ResourceStatus, Workload, WorkloadStatus
 
 SCHEMA_KINDS: dict[str, type[BaseModel]] = {
     "Network": Network,
     "Workload": Workload,
     "Node": Node,
     "NetworkResourceStatus": ResourceStatus,
+    "NetworkResourceFacts": NetworkResourceFacts,
     "WorkloadStatus": WorkloadStatus,
 }
 

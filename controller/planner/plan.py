@@ -1,5 +1,5 @@
 """plan_network(): the desired state of one node's NR of one network, from the network spec, the
-facts other nodes published (ResourceStatus), node liveness and this node's own facts.
+facts other nodes published (NetworkResourceFacts), node liveness and this node's own facts.
 
 Pure: no I/O, no clock, no randomness. The result is frozen, hashable and comparable, with every
 collection sorted, so equal inputs give equal plans and "nothing changed" is a plain `==`.
@@ -20,7 +20,7 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from controller.models.resources import Network, ResourceStatus, Workload
+from controller.models.resources import Network, NetworkResourceFacts, Workload
 
 from . import names
 
@@ -40,7 +40,7 @@ PEER_PENDING = "PeerPending"  # a peer's facts (key, port, endpoints) are not pu
 NO_COMMON_FAMILY = "NoCommonAddressFamily"  # a public peer has no address family we have
 NO_AGGREGATOR = "NoAggregator"  # hidden NRs exist but no aggregator is usable
 WORKLOAD_PENDING = "WorkloadAddressPending"  # a workload has no allocated address
-INVALID_FACTS = "InvalidPeerFacts"  # a published key is malformed or used by another NR
+INVALID_FACTS = "InvalidPeerFacts"  # published facts are malformed, or their key is another NR's
 
 
 @dataclass(frozen=True)
@@ -122,14 +122,6 @@ class DesiredNR:
         return tuple(i.subject for i in self.issues if i.reason == PEER_PENDING)
 
 
-def is_wireguard_key(text: str) -> bool:
-    """Whether `text` is a WireGuard key as published: standard base64 of 32 bytes."""
-    try:
-        return len(base64.b64decode(text, validate=True)) == 32
-    except (binascii.Error, ValueError):
-        return False
-
-
 def format_endpoint(address: IPAddress, port: int) -> str:
     return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
@@ -151,62 +143,60 @@ def choose_endpoint(ours: Sequence[IPAddress], theirs: Sequence[IPAddress]) -> I
 class _Remote:
     node: str
     subnet: ipaddress.IPv4Network
-    status: ResourceStatus
+    facts: NetworkResourceFacts
 
     @property
     def public(self) -> bool:
-        return bool(self.status.endpoints)
-
-
-def _published(status: ResourceStatus | None, network: str, node: str) -> bool:
-    return (status is not None and status.network == network and status.node == node
-            and bool(status.publicKey) and status.listenPort is not None)
+        return self.facts.public
 
 
 def plan_network(
     ctx: NodeContext,
     network: Network,
-    statuses: Mapping[str, ResourceStatus],
+    facts: Mapping[str, NetworkResourceFacts],
     alive: set[str] | frozenset[str] | None,
     workloads: Sequence[Workload],
     local: LocalFacts,
     ip_allocations: Mapping[str, ipaddress.IPv4Address],
+    bad_facts: Mapping[str, str] | None = None,
 ) -> DesiredNR | None:
     """The desired NR of `network` on `ctx.node_id`, or None if the node takes no part in it.
 
-    `statuses`: node -> the ResourceStatus that node published for this network (this node's
-    own entry and entries of nodes not in the network are ignored). `alive`: nodes with a live
-    lease, None when liveness is unknown (then every node counts as alive). `workloads`: any
-    workloads; those of this node and network are attached, with addresses from
-    `ip_allocations` (see allocation.allocate_workload_ips).
+    `facts`: node -> the facts that node published for this network (this node's own entry and
+    entries of nodes not in the network are ignored; facts naming another network or node are
+    not trusted). `bad_facts`: node -> why what it published is not valid facts (reported, not
+    peered). `alive`: nodes with a live lease, None when liveness is unknown (then every node
+    counts as alive). `workloads`: any workloads; those of this node and network are attached,
+    with addresses from `ip_allocations` (see allocation.allocate_workload_ips).
     """
     spec = network.spec
     own = spec.resource_for(ctx.node_id)
     if own is None:
         return None
     issues: list[Issue] = []
+    bad_facts = bad_facts or {}
 
     remotes: list[_Remote] = []
     key_owner = {local.public_key: ctx.node_id}
     for r in sorted(spec.resources, key=lambda r: r.node):
         if r.node == ctx.node_id:
             continue
-        status = statuses.get(r.node)
-        if not _published(status, network.name, r.node):
+        published = facts.get(r.node)
+        if r.node in bad_facts:
+            issues.append(Issue(INVALID_FACTS, f"node {r.node!r} published invalid facts "
+                                f"({bad_facts[r.node]}); not peering with it", r.node))
+        elif published is None or (published.network, published.node) != (network.name, r.node):
             issues.append(Issue(PEER_PENDING, f"node {r.node!r} has not published its facts for "
                                 f"network {network.name!r} yet", r.node))
-        elif not is_wireguard_key(status.publicKey):
-            issues.append(Issue(INVALID_FACTS, f"node {r.node!r} published a public key that is "
-                                "not 32 bytes of base64; not peering with it", r.node))
-        elif status.publicKey in key_owner:
+        elif published.publicKey in key_owner:
             # WireGuard identifies peers by key: two NRs with one key would steal each other's
             # AllowedIPs. The first by node name keeps it (deterministic on every node).
             issues.append(Issue(INVALID_FACTS, f"node {r.node!r} published the same public key "
-                                f"as node {key_owner[status.publicKey]!r}; not peering with it",
+                                f"as node {key_owner[published.publicKey]!r}; not peering with it",
                                 r.node))
         else:
-            key_owner[status.publicKey] = r.node
-            remotes.append(_Remote(r.node, r.subnet, status))
+            key_owner[published.publicKey] = r.node
+            remotes.append(_Remote(r.node, r.subnet, published))
     hidden_remotes = [r for r in remotes if not r.public]
 
     aggregator = _choose_aggregator(ctx, network, {r.node: r for r in remotes}, alive)
@@ -300,10 +290,10 @@ def _hidden_peers(ctx: NodeContext, network: Network, remotes: Sequence[_Remote]
                             + "; this hidden NR has no peers"))
         return []
     agg = next(r for r in remotes if r.node == aggregator)
-    address = choose_endpoint(ctx.endpoints, agg.status.endpoints)
+    address = choose_endpoint(ctx.endpoints, agg.facts.endpoints)
     return [DesiredPeer(
-        public_key=agg.status.publicKey,
-        endpoint=format_endpoint(address, agg.status.listenPort),
+        public_key=agg.facts.publicKey,
+        endpoint=format_endpoint(address, agg.facts.listenPort),
         allowed_ips=(network.spec.ipRange,),
         persistent_keepalive=HIDDEN_KEEPALIVE,
         node=agg.node,
@@ -316,14 +306,14 @@ def _public_peers(ctx: NodeContext, remotes: Sequence[_Remote], hidden_remotes: 
     hidden_subnets = tuple(sorted(r.subnet for r in hidden_remotes))
     if aggregator == ctx.node_id:
         # The hidden side initiates (it is behind NAT) and keeps the path open.
-        peers += [DesiredPeer(r.status.publicKey, None, (r.subnet,), None, r.node)
+        peers += [DesiredPeer(r.facts.publicKey, None, (r.subnet,), None, r.node)
                   for r in hidden_remotes]
     for r in remotes:
         if not r.public:
             continue
-        address = choose_endpoint(ctx.endpoints, r.status.endpoints)
+        address = choose_endpoint(ctx.endpoints, r.facts.endpoints)
         if address is None:
-            message = (f"node {r.node!r} publishes only {_families(r.status.endpoints)} endpoints "
+            message = (f"node {r.node!r} publishes only {_families(r.facts.endpoints)} endpoints "
                        f"and this node has only {_families(ctx.endpoints)}: it is unreachable")
             if r.node == aggregator and hidden_subnets:
                 message += (", and so are the hidden subnets it relays ("
@@ -331,7 +321,7 @@ def _public_peers(ctx: NodeContext, remotes: Sequence[_Remote], hidden_remotes: 
             issues.append(Issue(NO_COMMON_FAMILY, message, r.node))
             continue
         allowed = (r.subnet,) + (hidden_subnets if r.node == aggregator else ())
-        peers.append(DesiredPeer(r.status.publicKey, format_endpoint(address, r.status.listenPort),
+        peers.append(DesiredPeer(r.facts.publicKey, format_endpoint(address, r.facts.listenPort),
                                  tuple(sorted(allowed)), None, r.node))
     return peers
 

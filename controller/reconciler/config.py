@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from controller.models.resources import NodeId, PortRange
+from controller.models.resources import NodeId, PortRange, parse_public_address
 from pydantic import TypeAdapter
 
 DEFAULT_ETCD = "127.0.0.1:2379"
@@ -81,10 +81,11 @@ def parse_node_id(text: str) -> str:
 
 
 def parse_endpoint(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A public endpoint as peers will read it from our facts (the same strict rule)."""
     try:
-        return ipaddress.ip_address(text.strip("[]"))
-    except ValueError:
-        raise ValueError(f"bad public endpoint {text!r}: expected an IPv4 or IPv6 address") from None
+        return parse_public_address(text.strip().strip("[]"))
+    except ValueError as e:
+        raise ValueError(f"bad public endpoint {text!r}: {e}") from None
 
 
 def parse_host_port(text: str) -> tuple[str, int]:

@@ -20,8 +20,11 @@ from controller.dataplane.wireguard.base import DesiredPeer as WgPeer
 from controller.dataplane.wireguard.base import KeyStore, WireGuardBackend, WireGuardError
 from controller.http.metrics import AgentMetrics
 from controller.models.resources import (
+    MAX_MESSAGE,
     Condition,
+    Metadata,
     Network,
+    NetworkResourceFacts,
     PortRange,
     ResourceStatus,
     WorkloadStatus,
@@ -29,8 +32,8 @@ from controller.models.resources import (
 )
 from controller.planner import names
 from controller.planner.allocation import PortsExhausted, allocate_listen_port, allocate_workload_ips
-from controller.planner.plan import DesiredNR, LocalFacts, NodeContext, plan_network
-from controller.store.client import EtcdStore, StoreError
+from controller.planner.plan import PEER_PENDING, DesiredNR, LocalFacts, NodeContext, plan_network
+from controller.store.client import Delete, EtcdStore, StoreError
 
 from .scope import NodeScope
 from .state import LocalState
@@ -72,7 +75,6 @@ class Reconciler:
         self.metrics = metrics
         self.etcd_writes = 0
         self.wg_writes = 0
-        self._published_workloads: dict[str, bytes] = {}
         # Listen ports another program (or another agent on this host) turned out to hold.
         self._busy_ports: set[int] = set()
 
@@ -128,7 +130,7 @@ class Reconciler:
             return  # etcd itself is the problem: nothing to write it to
         message = " ".join(str(error).split()) or type(error).__name__
         try:
-            await self._publish(network, None, None, [("Ready", "False", "ApplyFailed", message[:500])])
+            await self._publish_status(network, [("Ready", "False", "ApplyFailed", message[:500])])
         except Exception as e:  # the original error is the one to retry on
             log.debug("network %s: cannot publish the failure: %s", network.name, e)
 
@@ -144,7 +146,7 @@ class Reconciler:
         try:
             port = allocate_listen_port(self.port_range, in_use, name)
         except PortsExhausted as e:
-            await self._publish(network, None, None, [("Ready", "False", "PortsExhausted", str(e))])
+            await self._publish_status(network, [("Ready", "False", "PortsExhausted", str(e))])
             return Outcome("invalid")
         workloads, broken = self.scope.workloads_of(name)
         await self._publish_broken_workloads(broken)
@@ -158,35 +160,39 @@ class Reconciler:
 
         wg_ifname = names.wg_ifname(self.ctx.name_prefix, name)
         private_key, public_key = self.keys.load_or_create(wg_ifname)
-        desired = plan_network(self.ctx, network, self.scope.statuses(name), None, workloads,
-                               LocalFacts(public_key, port), allocations)
+        peer_facts, bad_facts = self.scope.facts(name)
+        desired = plan_network(self.ctx, network, peer_facts, None, workloads,
+                               LocalFacts(public_key, port), allocations, bad_facts)
         try:
             observed = await self._apply_nr(desired, private_key)
         except WireGuardError as e:
             if e.errno == errno.EADDRINUSE:
                 # Never fight another program for a port: the retry takes the next free one,
-                # and the peers learn it from our status.
+                # and the peers learn it from our facts.
                 self._busy_ports.add(port)
                 log.warning("network %s: listen port %d is in use on this host; moving to another",
                             name, port)
             raise
         attach_problems = await self._apply_workloads(desired, observed, keep=set(kept))
 
-        problems = [i.message for i in desired.issues]
-        problems += [f"workload {w!r}: {p}" for w, p in sorted({**ip_problems, **attach_problems}.items())]
+        workload_problems = {**ip_problems, **attach_problems}
         conditions = [("Ready", "True", "Converged", "network resource is up")]
-        if problems:
+        if desired.issues or workload_problems:
             reason = desired.issues[0].reason if desired.issues else "WorkloadProblem"
-            conditions.append(("Degraded", "True", reason, "; ".join(problems)))
+            conditions.append(("Degraded", "True", reason,
+                               degraded_message(desired.issues, workload_problems)))
         else:
             conditions.append(("Degraded", "False", "AsDesired", ""))
-        await self._publish(network, public_key, port, conditions)
-        await self._publish_workloads(network, workloads, allocations, {**ip_problems, **attach_problems})
+        await self._publish_facts(NetworkResourceFacts(
+            network=name, node=self.ctx.node_id, publicKey=public_key, listenPort=port,
+            endpoints=list(self.ctx.endpoints), subnet=own.subnet))
+        await self._publish_status(network, conditions)
+        await self._publish_workloads(network, workloads, allocations, workload_problems)
         await self._forget_stale_workload_statuses(name, {w.name for w in workloads} | set(kept))
         self.metrics.wireguard_peers.labels(network=name).set(len(desired.peers))
         if attach_problems:
             return Outcome("pending", WAIT_FOR_NETNS)
-        return Outcome("pending" if problems else "converged")
+        return Outcome("pending" if desired.issues or workload_problems else "converged")
 
     async def _apply_nr(self, desired: DesiredNR, private_key: str):
         writes = self.links.writes
@@ -290,47 +296,59 @@ class Reconciler:
             await self.links.delete_nr(netns)
         self.keys.remove(wg_ifname)
         for workload in (record.workloads if record else {}):
-            await self._delete_key(self.store.layout.workload_status(workload))
-            self._published_workloads.pop(workload, None)
-        await self._delete_key(self.store.layout.nr_status(name, self.ctx.node_id))
+            await self._delete_own(self.store.layout.workload_status(self.ctx.node_id, workload))
+        await self._delete_own(self.store.layout.facts(self.ctx.node_id, name))
+        await self._delete_own(self.store.layout.nr_status(self.ctx.node_id, name))
         self.state.forget(name)
         log.info("removed network resource %s", name)
 
-    async def _delete_key(self, key: str) -> None:
-        if await self.store.delete(key):
+    async def _put_own(self, key: str, value: bytes) -> bool:
+        """Write a key of this node's own prefix unless it already holds `value`."""
+        if self.scope.own.get(key) == value:
+            return False
+        revision = await self.store.put(key, value)
+        self.scope.own.wrote(key, value, revision)
+        self.etcd_writes += 1
+        return True
+
+    async def _delete_own(self, key: str) -> None:
+        res = await self.store.txn([], [Delete(key)])
+        self.scope.own.wrote(key, None, res.revision)
+        if res.results and res.results[0]:
             self.etcd_writes += 1
 
     # --- status ----------------------------------------------------------------------------
 
-    async def _publish(self, network: Network, public_key: str | None, port: int | None,
-                       conditions: list[tuple[str, str, str, str]]) -> None:
+    async def _publish_facts(self, facts: NetworkResourceFacts) -> None:
+        """What peers need to reach this NR: written when it changes (rarely), never with a
+        condition, so peers are woken only by what concerns them."""
+        await self._put_own(self.store.layout.facts(facts.node, facts.network),
+                            facts.model_dump_json().encode())
+
+    async def _publish_status(self, network: Network, conditions: list[tuple[str, str, str, str]],
+                              generation: int | None = None) -> None:
+        """Merge `conditions` into the NR's status and write it if it changed."""
         current = self._own_status(network.name)
         merged = list(current.conditions) if current else []
         for ctype, status, reason, message in conditions:
             merged = set_condition(merged, Condition(type=ctype, status=status, reason=reason,
-                                                     message=message))
-        own = network.spec.resource_for(self.ctx.node_id)
-        status = ResourceStatus(
-            network=network.name, node=self.ctx.node_id,
-            observedGeneration=network.metadata.generation or 0, conditions=merged,
-            publicKey=public_key if public_key else (current.publicKey if current else None),
-            listenPort=port if port else (current.listenPort if current else None),
-            endpoints=list(self.ctx.endpoints), subnet=own.subnet if own else None,
-        )
-        await self._put_status_if_changed(status, current)
+                                                     message=message[:MAX_MESSAGE]))
+        if generation is None:
+            generation = network.metadata.generation or 0
+        status = ResourceStatus(network=network.name, node=self.ctx.node_id,
+                                observedGeneration=generation, conditions=merged)
+        await self._put_own(self.store.layout.nr_status(self.ctx.node_id, network.name),
+                            status.model_dump_json().encode())
 
     async def _publish_invalid(self, name: str, error: str) -> None:
+        """The spec cannot be read: say so, keeping the generation last acted on."""
         current = self._own_status(name)
-        if current is None and name not in self.state.networks:
-            # Not ours yet and not valid: still say why, so `zmesh describe` shows it.
-            current = ResourceStatus(network=name, node=self.ctx.node_id)
-        merged = set_condition(list(current.conditions), Condition(
-            type="Ready", status="False", reason="InvalidSpec", message=error))
-        status = current.model_copy(update={"conditions": merged})
-        await self._put_status_if_changed(status, self._own_status(name))
+        stub = Network.model_construct(metadata=Metadata(name=name))
+        await self._publish_status(stub, [("Ready", "False", "InvalidSpec", error)],
+                                   generation=current.observedGeneration if current else 0)
 
     def _own_status(self, network: str) -> ResourceStatus | None:
-        raw = self.scope.own_status_raw(network)
+        raw = self.scope.own.get(self.store.layout.nr_status(self.ctx.node_id, network))
         if raw is None:
             return None
         try:
@@ -338,52 +356,39 @@ class Reconciler:
         except ValueError:
             return None
 
-    async def _put_status_if_changed(self, status: ResourceStatus, current: ResourceStatus | None) -> None:
-        if current is not None and current == status:
-            return
-        await self.store.put_status(status)
-        self.etcd_writes += 1
-
     async def _publish_workloads(self, network: Network, workloads, allocations, problems) -> None:
         for w in workloads:
             problem = problems.get(w.name)
-            cond = Condition(type="Ready", status="False" if problem else "True",
-                             reason="AttachFailed" if problem else "Attached",
-                             message=problem or f"attached to network {network.name}")
-            key = self.store.layout.workload_status(w.name)
-            current = await self._current_workload_status(w.name, key)
-            merged = set_condition(list(current.conditions) if current else [], cond)
-            status = WorkloadStatus(workload=w.name, node=self.ctx.node_id,
-                                    observedGeneration=w.metadata.generation or 0,
-                                    conditions=merged, ip=allocations.get(w.name))
-            if current == status:
-                continue
-            await self.store.put_status(status)
-            self.etcd_writes += 1
-            self._published_workloads[w.name] = status.model_dump_json(exclude_none=True).encode()
+            await self._publish_workload(w.name, Condition(
+                type="Ready", status="False" if problem else "True",
+                reason="AttachFailed" if problem else "Attached",
+                message=(problem or f"attached to network {network.name}")[:MAX_MESSAGE]),
+                network=network.name, generation=w.metadata.generation or 0,
+                ip=allocations.get(w.name))
 
     async def _publish_broken_workloads(self, broken: dict[str, str]) -> None:
         """A workload value that does not parse is attached nowhere; say so in its status."""
         for name, problem in broken.items():
-            key = self.store.layout.workload_status(name)
-            current = await self._current_workload_status(name, key)
-            merged = set_condition(list(current.conditions) if current else [], Condition(
-                type="Ready", status="False", reason="InvalidSpec", message=problem))
-            status = WorkloadStatus(workload=name, node=self.ctx.node_id, conditions=merged,
-                                    ip=current.ip if current else None)
-            if current != status:
-                await self.store.put_status(status)
-                self.etcd_writes += 1
-                self._published_workloads[name] = status.model_dump_json(exclude_none=True).encode()
+            current = self._current_workload_status(name)
+            await self._publish_workload(name, Condition(
+                type="Ready", status="False", reason="InvalidSpec", message=problem[:MAX_MESSAGE]),
+                network=current.network if current else None,
+                generation=current.observedGeneration if current else 0,
+                ip=current.ip if current else None)
 
-    async def _current_workload_status(self, name: str, key: str) -> WorkloadStatus | None:
-        raw = self._published_workloads.get(name)
+    async def _publish_workload(self, name: str, condition: Condition, *, network: str | None,
+                                generation: int, ip) -> None:
+        current = self._current_workload_status(name)
+        merged = set_condition(list(current.conditions) if current else [], condition)
+        status = WorkloadStatus(workload=name, node=self.ctx.node_id, network=network,
+                                observedGeneration=generation, conditions=merged, ip=ip)
+        await self._put_own(self.store.layout.workload_status(self.ctx.node_id, name),
+                            status.model_dump_json(exclude_none=True).encode())
+
+    def _current_workload_status(self, name: str) -> WorkloadStatus | None:
+        raw = self.scope.own.get(self.store.layout.workload_status(self.ctx.node_id, name))
         if raw is None:
-            entry = await self.store.get(key)
-            raw = entry.value if entry else None
-            if raw is None:
-                return None
-            self._published_workloads[name] = raw
+            return None
         try:
             return WorkloadStatus.model_validate_json(raw)
         except ValueError:
@@ -393,9 +398,23 @@ class Reconciler:
         record = self.state.networks.get(network)
         stale = set(record.workloads) - current if record else set()
         for name in stale:
-            await self._delete_key(self.store.layout.workload_status(name))
-            self._published_workloads.pop(name, None)
+            await self._delete_own(self.store.layout.workload_status(self.ctx.node_id, name))
         if stale:
             self.state.record(network, record.listen_port,
                               {w: ip for w, ip in record.workloads.items() if w not in stale})
 
+
+def degraded_message(issues, workload_problems: dict[str, str], named: int = 3) -> str:
+    """One bounded line: nodes awaited are named (a few) and counted, never all listed, so the
+    status of an NR of a 10,000-node network stays small while its peers come up."""
+    parts = []
+    pending = [i.subject for i in issues if i.reason == PEER_PENDING]
+    if pending:
+        shown = ", ".join(pending[:named]) + (f" and {len(pending) - named} more" if len(pending) > named else "")
+        parts.append(f"waiting for the facts of {len(pending)} node(s): {shown}")
+    others = [i.message for i in issues if i.reason != PEER_PENDING]
+    others += [f"workload {w!r}: {p}" for w, p in sorted(workload_problems.items())]
+    parts += others[:named]
+    if len(others) > named:
+        parts.append(f"and {len(others) - named} more problem(s)")
+    return "; ".join(parts)[:MAX_MESSAGE]

@@ -1,9 +1,15 @@
 """NodeScope: the part of etcd that concerns one node, kept current by watches.
 
-A node watches only its index (`index/nodes/<node>/`), and for every network and workload the
-index names, that spec and the network's published statuses: never every change in the system
-(design.md section 3, "plan the layout for 10,000 nodes"). Every change turns into "look at
-network N again" (`on_network`); the reconciler then reads the whole state from here.
+A node watches only (design.md section 3, "plan the layout for 10,000 nodes"):
+- its index `index/nodes/<node>/`;
+- for every network and workload the index names, that one spec key;
+- for every peer node of those networks, the peer's `nodes/<peer>/mesh/` prefix (its liveness and
+  the facts it publishes for its NRs): one watch per peer node, shared by every network the two
+  have in common. Peers' conditions (`nodes/<peer>/status/`) are never watched, so a condition
+  change of one node wakes no other node;
+- its own `nodes/<node>/` prefix, to know what it published (never a reason to reconcile).
+Every change that matters turns into "look at network N again" (`on_network`); the reconciler then
+reads the whole state from here.
 """
 
 from __future__ import annotations
@@ -12,12 +18,40 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from controller.models.manifest import ManifestError
-from controller.models.resources import Network, ResourceStatus, Workload
+from controller.models.manifest import ManifestError, parse_json_value
+from controller.models.resources import Network, NetworkResourceFacts, Workload
 from controller.store.cache import WatchCache
-from controller.store.client import Entry, EtcdStore
+from controller.store.client import Entry, EtcdStore, lenient_nodes
 
 log = logging.getLogger(__name__)
+
+
+class OwnKeys:
+    """What this node has published under its own prefix, as far as it knows: the watch cache,
+    or a write of ours the watch has not delivered yet (so a reconcile right after a write does
+    not write the same value again)."""
+
+    def __init__(self, cache: WatchCache):
+        self.cache = cache
+        self._writes: dict[str, tuple[bytes | None, int]] = {}  # key -> (value or None, revision)
+
+    def get(self, key: str) -> bytes | None:
+        pending = self._writes.get(key)
+        if pending is not None:
+            if self.cache.revision < pending[1]:
+                return pending[0]
+            del self._writes[key]  # the cache has caught up with our write (or later ones)
+        kv = self.cache.get(key)
+        return kv.value if kv else None
+
+    def wrote(self, key: str, value: bytes | None, revision: int) -> None:
+        """Record our own put (value) or delete (None) at `revision`."""
+        self._writes[key] = (value, revision)
+
+    def keys(self, prefix: str) -> set[str]:
+        keys = {k for k in self.cache.items if k.startswith(prefix)}
+        keys |= {k for k in self._writes if k.startswith(prefix)}
+        return {k for k in keys if self.get(k) is not None}
 
 
 class NodeScope:
@@ -28,21 +62,28 @@ class NodeScope:
         self.on_network = on_network
         self._index_prefix = self.layout.node_index(node_id)
         self.index = WatchCache(store, self._index_prefix, self._index_changed)
+        self.own = OwnKeys(WatchCache(store, self.layout.node_root(node_id)))
         self._specs: dict[str, WatchCache] = {}  # network -> its spec key
-        self._statuses: dict[str, WatchCache] = {}  # network -> its status prefix
         self._workloads: dict[str, WatchCache] = {}  # workload -> its spec key
         self._workload_network: dict[str, str] = {}  # last network each workload named
+        self._peers: dict[str, WatchCache] = {}  # peer node -> its nodes/<peer>/mesh/ prefix
+        self._peer_networks: dict[str, set[str]] = {}  # peer node -> our networks naming it
+        self._network_peers: dict[str, set[str]] = {}  # network -> its peer nodes
+        self._parsed: dict[str, tuple[int, object]] = {}  # facts key -> (mod_revision, parse)
 
     async def start(self) -> None:
+        await self.own.cache.start()
         await self.index.start()
 
+    def _caches(self) -> list[WatchCache]:
+        return [self.index, self.own.cache, *self._specs.values(), *self._workloads.values(),
+                *self._peers.values()]
+
     async def stop(self) -> None:
-        caches = [self.index, *self._specs.values(), *self._statuses.values(), *self._workloads.values()]
-        await asyncio.gather(*(c.stop() for c in caches), return_exceptions=True)
+        await asyncio.gather(*(c.stop() for c in self._caches()), return_exceptions=True)
 
     def relists(self) -> int:
-        caches = [self.index, *self._specs.values(), *self._statuses.values(), *self._workloads.values()]
-        return sum(c.relists for c in caches)
+        return sum(c.relists for c in self._caches())
 
     # --- the index drives which keys are watched -------------------------------------------
 
@@ -53,16 +94,13 @@ class NodeScope:
         if kind == "networks" and name:
             if present and name not in self._specs:
                 self._specs[name] = await WatchCache(
-                    self.store, self.layout.network(name), lambda _k, n=name: self.on_network(n),
-                    prefix=False).start()
-                self._statuses[name] = await WatchCache(
-                    self.store, self.layout.nr_statuses(name), lambda _k, n=name: self.on_network(n),
-                    prefix=True).start()
+                    self.store, self.layout.network(name),
+                    lambda _k, n=name: self._spec_changed(n), prefix=False).start()
             elif not present:
-                for caches in (self._specs, self._statuses):
-                    cache = caches.pop(name, None)
-                    if cache is not None:
-                        await cache.stop()
+                cache = self._specs.pop(name, None)
+                if cache is not None:
+                    await cache.stop()
+                await self._set_peers(name, set())
             self.on_network(name)
         elif kind == "workloads" and name:
             if present and name not in self._workloads:
@@ -74,6 +112,45 @@ class NodeScope:
                 if cache is not None:
                     await cache.stop()
                 self._workload_changed(name)
+
+    async def _spec_changed(self, network: str) -> None:
+        """Watch the peers the spec names now (even an invalid spec: its nodes stay peers)."""
+        cache = self._specs.get(network)
+        kv = cache.get(self.layout.network(network)) if cache else None
+        nodes = (lenient_nodes("Network", kv.value) or []) if kv else []
+        await self._set_peers(network, set(nodes) - {self.node_id})
+        self.on_network(network)
+
+    async def _set_peers(self, network: str, peers: set[str]) -> None:
+        before = self._network_peers.pop(network, set())
+        if peers:
+            self._network_peers[network] = peers
+        for peer in peers - before:
+            self._peer_networks.setdefault(peer, set()).add(network)
+            if peer not in self._peers:
+                self._peers[peer] = await WatchCache(
+                    self.store, self.layout.node_mesh(peer),
+                    lambda key, p=peer: self._peer_changed(p, key)).start()
+        for peer in before - peers:
+            networks = self._peer_networks.get(peer, set())
+            networks.discard(network)
+            if not networks:
+                self._peer_networks.pop(peer, None)
+                cache = self._peers.pop(peer, None)
+                if cache is not None:
+                    await cache.stop()
+                for key in [k for k in self._parsed if k.startswith(self.layout.node_mesh(peer))]:
+                    del self._parsed[key]
+
+    def _peer_changed(self, peer: str, key: str) -> None:
+        tail = key[len(self.layout.node_mesh(peer)):]
+        kind, _, network = tail.partition("/")
+        if kind == "facts" and network:
+            if network in self._peer_networks.get(peer, ()):
+                self.on_network(network)
+        else:  # liveness (or anything else the peer tells the mesh) concerns all we share
+            for network in sorted(self._peer_networks.get(peer, ())):
+                self.on_network(network)
 
     def _workload_changed(self, name: str) -> None:
         """Look again at the network the workload names now and the one it named before."""
@@ -101,12 +178,15 @@ class NodeScope:
     def known(self, network: str) -> bool:
         """Whether we have listed this network's keys at least once: only then may its absence
         be trusted (a restart must never tear down an NR before its spec has been read)."""
-        if not self.index_synced and self.index.revision == 0:
+        if (not self.index_synced and self.index.revision == 0) or self.own.cache.revision == 0:
             return False
         if network not in self.network_names():
             return self.index.revision > 0
-        caches = [self._specs.get(network), self._statuses.get(network)]
-        return all(c is not None and c.revision > 0 for c in caches) and self._workloads_listed()
+        spec = self._specs.get(network)
+        if spec is None or spec.revision == 0:
+            return False
+        peers = [self._peers.get(p) for p in self._network_peers.get(network, ())]
+        return all(c is not None and c.revision > 0 for c in peers) and self._workloads_listed()
 
     def _workloads_listed(self) -> bool:
         return all(c.revision > 0 for c in self._workloads.values())
@@ -125,25 +205,44 @@ class NodeScope:
         except ManifestError as e:
             return None, "; ".join(e.problems)
 
-    def statuses(self, network: str) -> dict[str, ResourceStatus]:
-        cache = self._statuses.get(network)
-        out: dict[str, ResourceStatus] = {}
-        if cache is None:
-            return out
-        for key, kv in cache.items.items():
-            try:
-                status = ResourceStatus.model_validate_json(kv.value)
-            except ValueError as e:
-                log.warning("ignoring malformed status %s: %s", key, str(e).splitlines()[0])
+    def facts(self, network: str) -> tuple[dict[str, NetworkResourceFacts], dict[str, str]]:
+        """The facts every peer of `network` published for it (node -> facts), and why the
+        values that are not valid facts are not (node -> problem)."""
+        good: dict[str, NetworkResourceFacts] = {}
+        bad: dict[str, str] = {}
+        for peer in sorted(self._network_peers.get(network, ())):
+            cache = self._peers.get(peer)
+            key = self.layout.facts(peer, network)
+            kv = cache.get(key) if cache else None
+            if kv is None:
                 continue
-            if key.endswith("/" + status.node):
-                out[status.node] = status
-        return out
+            parsed = self._parse_facts(peer, network, key, kv.value, kv.mod_revision)
+            if isinstance(parsed, str):
+                bad[peer] = parsed
+            else:
+                good[peer] = parsed
+        return good, bad
 
-    def own_status_raw(self, network: str) -> bytes | None:
-        cache = self._statuses.get(network)
-        kv = cache.get(self.layout.nr_status(network, self.node_id)) if cache else None
-        return kv.value if kv else None
+    def _parse_facts(self, peer: str, network: str, key: str, raw: bytes, revision: int):
+        cached = self._parsed.get(key)
+        if cached is not None and cached[0] == revision:
+            return cached[1]
+        try:
+            facts = parse_json_value(raw, key, kinds=("NetworkResourceFacts",))
+            if (facts.node, facts.network) != (peer, network):
+                result = (f"the value names node {facts.node!r} and network {facts.network!r}, "
+                          f"not the key's {peer!r} and {network!r}")
+            else:
+                result = facts
+        except ManifestError as e:
+            result = "; ".join(e.problems[:3]) + (" ..." if len(e.problems) > 3 else "")
+        self._parsed[key] = (revision, result)
+        return result
+
+    def peer_alive(self, peer: str) -> bool | None:
+        """Whether a watched peer holds its liveness lease (None: not watched)."""
+        cache = self._peers.get(peer)
+        return None if cache is None else cache.get(self.layout.node_alive(peer)) is not None
 
     def workload(self, name: str) -> tuple[Workload | None, str | None]:
         return self._decode("Workload", self._workloads.get(name), self.layout.workload(name))

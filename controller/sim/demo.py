@@ -382,17 +382,18 @@ class Demo:
         deadline = start + CONVERGE_TIMEOUT
         while True:
             self.check_agents()
-            statuses = {s.node: s for s in await self.store.get_statuses(NETWORK)}
+            statuses = await self.store.get_statuses(NETWORK, w.nodes)
             ready_nrs = [n for n, s in statuses.items()
                          if s.observedGeneration >= generation and _ready(s.conditions)]
             ready_wl = []
-            for workload, _ in WORKLOADS:
-                st = await self.store.get_workload_status(workload)
+            for workload, node in WORKLOADS:
+                st = await self.store.get_workload_status(node, workload)
                 if st is not None and _ready(st.conditions):
                     ready_wl.append(workload)
             self.p.detail = f"NRs ready {len(ready_nrs)}/{len(w.nodes)}, workloads {len(ready_wl)}/{len(WORKLOADS)}"
             if len(ready_nrs) == len(w.nodes) and len(ready_wl) == len(WORKLOADS):
-                self.public_keys = {s.publicKey: n for n, s in statuses.items() if s.publicKey}
+                facts = await self.store.get_facts(NETWORK, w.nodes)
+                self.public_keys = {f.publicKey: n for n, f in facts.items()}
                 probes = await self.probe_all()
                 reachable = sum(p.ok for p in probes.values())
                 self.p.detail += f", pairs answering {reachable}/{len(probes)}"

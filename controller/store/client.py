@@ -39,7 +39,7 @@ from tenacity import (
 )
 
 from ..models.manifest import ManifestError, parse_json_value, to_json
-from ..models.resources import Network, Node, ResourceStatus, Workload, WorkloadStatus
+from ..models.resources import Network, NetworkResourceFacts, Node, ResourceStatus, Workload, WorkloadStatus
 from .layout import Layout
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ GRPC_OPTIONS = {
     "grpc.keepalive_permit_without_calls": 0,
 }
 DEFAULT_PAGE_SIZE = 1000
+TXN_GETS = 100  # reads batched in one transaction: below etcd's default --max-txn-ops of 128
 _CONNECTION_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -748,38 +749,76 @@ class EtcdStore:
 
     # --- nodes, liveness, status --------------------------------------------------------------
 
+    async def get_many(self, keys) -> dict[str, Entry]:
+        """The entries of `keys` that exist, read in transactions of Gets (one round trip per
+        TXN_GETS keys, each at one revision)."""
+        keys = list(dict.fromkeys(keys))
+        found: dict[str, Entry] = {}
+        for i in range(0, len(keys), TXN_GETS):
+            res = await self.txn([], [Get(k) for k in keys[i:i + TXN_GETS]])
+            for entries in res.results:
+                found.update((e.key, e) for e in entries)
+        return found
+
+    async def _node_keys(self, tail: str) -> list[str]:
+        """Every `nodes/<node>/<tail>` key (a keys-only scan: values are not sent)."""
+        entries, _ = await self.list_prefix(self.layout.nodes(), keys_only=True)
+        return [e.key for e in entries if (p := self.layout.parse_node_key(e.key)) and p[1] == tail]
+
     async def list_nodes(self) -> list[Node]:
         """Registered nodes (malformed records are logged and skipped)."""
-        entries, _ = await self.list_prefix(self.layout.nodes())
+        keys = await self._node_keys("registration")
         nodes = []
-        for e in entries:
+        for key, e in sorted((await self.get_many(keys)).items()):
             try:
-                nodes.append(parse_json_value(e.value, e.key, kinds=("Node",)))
+                node = parse_json_value(e.value, key, kinds=("Node",))
             except ManifestError as err:
                 log.warning("skipping malformed node record: %s", err)
+                continue
+            if key == self.layout.node_registration(node.name):  # a record names its own key
+                nodes.append(node)
         return nodes
+
+    async def registered_nodes(self) -> set[str]:
+        """Names of every node with a registration key, even a malformed one."""
+        return {self.layout.parse_node_key(k)[0] for k in await self._node_keys("registration")}
 
     async def alive_nodes(self) -> set[str]:
         """Nodes whose agent holds its liveness lease right now."""
-        entries, _ = await self.list_prefix(self.layout.alive_nodes(), keys_only=True)
-        return {e.key.rsplit("/", 1)[-1] for e in entries}
+        return {self.layout.parse_node_key(k)[0] for k in await self._node_keys("mesh/alive")}
 
     async def put_status(self, status: ResourceStatus | WorkloadStatus) -> int:
         if isinstance(status, ResourceStatus):
-            key = self.layout.nr_status(status.network, status.node)
+            key = self.layout.nr_status(status.node, status.network)
         elif isinstance(status, WorkloadStatus):
-            key = self.layout.workload_status(status.workload)
+            key = self.layout.workload_status(status.node, status.workload)
         else:
             raise TypeError(f"not a status: {type(status).__name__}")
         return await self.put(key, status.model_dump_json(exclude_none=True))
 
-    async def get_statuses(self, network: str) -> list[ResourceStatus]:
-        """Every node's published status for its NR of `network` (malformed ones skipped)."""
-        entries, _ = await self.list_prefix(self.layout.nr_statuses(network))
-        return [s for s in (_parse_status(ResourceStatus, e) for e in entries) if s is not None]
+    async def put_facts(self, facts: NetworkResourceFacts) -> int:
+        return await self.put(self.layout.facts(facts.node, facts.network), facts.model_dump_json())
 
-    async def get_workload_status(self, name: str) -> WorkloadStatus | None:
-        e = await self.get(self.layout.workload_status(name))
+    async def get_statuses(self, network: str, nodes) -> dict[str, ResourceStatus]:
+        """node -> the status that node published for its NR of `network` (malformed skipped)."""
+        return self._parsed_by_node(ResourceStatus, await self.get_many(
+            self.layout.nr_status(n, network) for n in nodes))
+
+    async def get_facts(self, network: str, nodes) -> dict[str, NetworkResourceFacts]:
+        """node -> the facts that node published for `network` (malformed ones skipped)."""
+        return self._parsed_by_node(NetworkResourceFacts, await self.get_many(
+            self.layout.facts(n, network) for n in nodes))
+
+    def _parsed_by_node(self, model, entries: dict[str, Entry]) -> dict:
+        out = {}
+        for key, e in entries.items():
+            parsed = _parse_status(model, e)
+            if parsed is not None and self.layout.parse_node_key(key)[0] == parsed.node:
+                out[parsed.node] = parsed
+        return out
+
+    async def get_workload_status(self, node: str, name: str) -> WorkloadStatus | None:
+        e = await self.get(self.layout.workload_status(node, name))
         return None if e is None else _parse_status(WorkloadStatus, e)
 
     async def register_node(self, node: Node, ttl: int = 10) -> "NodeRegistration":
@@ -808,7 +847,7 @@ class NodeRegistration:
         alive = json.dumps({"since": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         await self.store.txn(
             [],
-            [Put(layout.node(self.node.name), to_json(self.node)),
+            [Put(layout.node_registration(self.node.name), to_json(self.node)),
              Put(layout.node_alive(self.node.name), alive, lease=self.lease_id)],
         )
 

@@ -29,31 +29,56 @@ class Layout:
     def workload(self, name: str) -> str:
         return f"{self.workloads()}{name}"
 
-    # Written by node agents.
+    # Written by node agents: everything a node writes lives under its own prefix
+    # `nodes/<node>/`, so an etcd role can confine the node's credentials to it.
     def nodes(self) -> str:
         return f"{self.root}nodes/"
 
-    def node(self, node: str) -> str:
-        return f"{self.nodes()}{node}"
+    def node_root(self, node: str) -> str:
+        """Everything node `node` writes, and nothing any other node writes."""
+        return f"{self.nodes()}{node}/"
 
-    def alive_nodes(self) -> str:
-        return f"{self.root}alive/"
+    def node_registration(self, node: str) -> str:
+        """The node's `Node` record (persistent)."""
+        return f"{self.node_root(node)}registration"
+
+    def node_mesh(self, node: str) -> str:
+        """What the node tells its peers: liveness, its NRs' facts, its probe verdicts. Peers
+        watch this prefix (one watch per peer node); conditions live apart, unwatched."""
+        return f"{self.node_root(node)}mesh/"
 
     def node_alive(self, node: str) -> str:
         """Exists while the node's agent holds its lease: the node's liveness."""
-        return f"{self.alive_nodes()}{node}"
+        return f"{self.node_mesh(node)}alive"
 
-    def nr_statuses(self, network: str) -> str:
-        return f"{self.root}status/networks/{network}/"
+    def facts(self, node: str, network: str) -> str:
+        """The small, rarely changing facts peers need to reach the node's NR of `network`."""
+        return f"{self.node_mesh(node)}facts/{network}"
 
-    def nr_status(self, network: str, node: str) -> str:
-        return f"{self.nr_statuses(network)}{node}"
+    def verdicts(self, node: str, network: str) -> str:
+        """The node's probe verdicts about the NRs of `network` it probes."""
+        return f"{self.node_mesh(node)}verdicts/{network}"
 
-    def workload_statuses(self) -> str:
-        return f"{self.root}status/workloads/"
+    def node_statuses(self, node: str) -> str:
+        return f"{self.node_root(node)}status/"
 
-    def workload_status(self, name: str) -> str:
-        return f"{self.workload_statuses()}{name}"
+    def nr_status(self, node: str, network: str) -> str:
+        """Conditions of the node's NR of `network` (read by people and tools, not by peers)."""
+        return f"{self.node_statuses(node)}networks/{network}"
+
+    def workload_status(self, node: str, workload: str) -> str:
+        return f"{self.node_statuses(node)}workloads/{workload}"
+
+    def node_events(self, node: str) -> str:
+        return f"{self.node_root(node)}events/"
+
+    def parse_node_key(self, key: str) -> tuple[str, str] | None:
+        """(node, rest) of a key under `nodes/`, e.g. ("n1", "mesh/facts/blue"); else None."""
+        rest = key.removeprefix(self.nodes())
+        node, sep, tail = rest.partition("/")
+        if rest == key or not sep or not node or not tail:
+            return None
+        return node, tail
 
     # The per-node index: what concerns a node, so that its agent watches only that.
     # Kept consistent with the specs in the same transaction by the store (and repaired by

@@ -220,8 +220,11 @@ async def test_deleting_a_network_removes_everything_it_created(mesh):
     for w in NODE_OF:
         assert mesh.netns_inode(mesh.workload_ns(w)) is not None
         wait_until(lambda: "eth0" not in mesh.links(mesh.workload_ns(w)), 10, what=f"{w}'s veth removed")
-    statuses = mesh.etcdctl("get", "--prefix", "--keys-only", "/zmesh/v1/status/").stdout.split()
-    assert statuses == []
+    # What the agents published about the network goes with it: only each node's own
+    # registration and liveness stay.
+    published = mesh.etcdctl("get", "--prefix", "--keys-only", "/zmesh/v1/nodes/").stdout.split()
+    assert sorted(published) == sorted(f"/zmesh/v1/nodes/{n}/{k}" for n in SUBNETS
+                                       for k in ("registration", "mesh/alive"))
 
 
 async def test_agent_restart_changes_nothing_and_traffic_keeps_flowing(mesh):
@@ -231,7 +234,7 @@ async def test_agent_restart_changes_nothing_and_traffic_keeps_flowing(mesh):
     time.sleep(RESYNC * 2)  # let every agent publish its final status
     snapshot = {n: (mesh.wg_pid(n, "blue"), mesh.netns_inode(mesh.nr_netns(n, "blue")),
                     mesh.links(mesh.nr_netns(n, "blue"))) for n in SUBNETS}
-    status_revs = mesh.etcdctl("get", "--prefix", "-w", "json", "/zmesh/v1/status/").stdout
+    status_revs = _published(mesh)
 
     # 60 pings at 50 ms from w1 to w2 while both ends' agents restart.
     pinger = subprocess.Popen(["ip", "netns", "exec", mesh.workload_ns("w1"), "ping", "-n", "-q",
@@ -254,11 +257,14 @@ async def test_agent_restart_changes_nothing_and_traffic_keeps_flowing(mesh):
     for n in SUBNETS:
         assert (mesh.wg_pid(n, "blue"), mesh.netns_inode(mesh.nr_netns(n, "blue")),
                 mesh.links(mesh.nr_netns(n, "blue"))) == snapshot[n]
-    # Nor did the restarted agents rewrite their published status.
-    assert mesh.etcdctl("get", "--prefix", "-w", "json", "/zmesh/v1/status/").stdout.count('"mod_revision"') \
-        == status_revs.count('"mod_revision"')
-    assert _mod_revisions(mesh.etcdctl("get", "--prefix", "-w", "json", "/zmesh/v1/status/").stdout) \
-        == _mod_revisions(status_revs)
+    # Nor did the restarted agents rewrite their published facts or status.
+    assert status_revs and _published(mesh) == status_revs
+
+
+def _published(mesh) -> dict[str, int]:
+    """mod_revision of every fact and status the agents published."""
+    revs = _mod_revisions(mesh.etcdctl("get", "--prefix", "-w", "json", "/zmesh/v1/nodes/").stdout)
+    return {k: r for k, r in revs.items() if "/status/" in k or "/mesh/facts/" in k}
 
 
 def _proc_state(pid: int) -> str:
@@ -337,8 +343,8 @@ async def test_a_malformed_spec_written_by_hand_hurts_no_other_network(mesh):
     def reported(key):
         raw = mesh.etcdctl("get", "--print-value-only", key).stdout
         return raw and "InvalidSpec" in raw
-    wait_until(lambda: reported("/zmesh/v1/status/networks/later-bad/n1"), 10, what="later-bad InvalidSpec")
-    wait_until(lambda: reported("/zmesh/v1/status/workloads/w2"), 10, what="w2 InvalidSpec")
+    wait_until(lambda: reported("/zmesh/v1/nodes/n1/status/networks/later-bad"), 10, what="later-bad InvalidSpec")
+    wait_until(lambda: reported("/zmesh/v1/nodes/n2/status/workloads/w2"), 10, what="w2 InvalidSpec")
     time.sleep(RESYNC * 2)
     # The other network is untouched and keeps working, the broken workload stays attached as it
     # was, and the broken network keeps its last good NR.
@@ -386,7 +392,12 @@ async def test_with_etcd_down_the_dataplane_keeps_forwarding_and_is_still_repair
 
 
 def _nr_status(mesh, network: str, node: str) -> dict:
-    raw = mesh.etcdctl("get", "--print-value-only", f"/zmesh/v1/status/networks/{network}/{node}").stdout
+    raw = mesh.etcdctl("get", "--print-value-only", f"/zmesh/v1/nodes/{node}/status/networks/{network}").stdout
+    return json.loads(raw) if raw.strip() else {}
+
+
+def _published_facts(mesh, network: str, node: str) -> dict:
+    raw = mesh.etcdctl("get", "--print-value-only", f"/zmesh/v1/nodes/{node}/mesh/facts/{network}").stdout
     return json.loads(raw) if raw.strip() else {}
 
 
@@ -464,7 +475,7 @@ async def test_a_listen_port_held_by_another_program_is_left_to_it(mesh):
         mesh.apply(manifest)
         mesh.wait_mesh(two)
         assert (await mesh.wg_device("n1", "blue")).listen_port == 51821
-        assert _nr_status(mesh, "blue", "n1")["listenPort"] == 51821
+        assert _published_facts(mesh, "blue", "n1")["listenPort"] == 51821
         assert squatter.getsockname() == ("0.0.0.0", 51820)
     finally:
         squatter.close()
@@ -484,7 +495,7 @@ async def test_a_workload_naming_the_nodes_own_namespace_or_an_nr_is_refused(mes
         for w, ns in (("intruder-host", host), ("intruder-nr", nr))))
 
     def refused(w):
-        raw = mesh.etcdctl("get", "--print-value-only", f"/zmesh/v1/status/workloads/{w}").stdout
+        raw = mesh.etcdctl("get", "--print-value-only", f"/zmesh/v1/nodes/n1/status/workloads/{w}").stdout
         return "refusing" in raw
     wait_until(lambda: refused("intruder-host") and refused("intruder-nr"), 15, what="both refused in status")
     time.sleep(RESYNC)  # and retried

@@ -56,10 +56,10 @@ class Cli:
     def register(self, *names: str, alive=True, hidden=()) -> None:
         for n in names:
             spec = {} if n in hidden else {"endpoints": [f"198.51.100.{10 + len(n)}"]}
-            self.put(f"{self.prefix}v1/nodes/{n}", json.dumps(
+            self.put(f"{self.prefix}v1/nodes/{n}/registration", json.dumps(
                 {"apiVersion": "zmesh.io/v1", "kind": "Node", "metadata": {"name": n}, "spec": spec}))
             if alive:
-                self.put(f"{self.prefix}v1/alive/{n}", '{"since":"2026-01-01T00:00:00+00:00"}')
+                self.put(f"{self.prefix}v1/nodes/{n}/mesh/alive", '{"since":"2026-01-01T00:00:00+00:00"}')
 
 
 @pytest.fixture
@@ -181,7 +181,7 @@ def test_an_unregistered_node_is_an_error(cli, tmp_path):
 
 
 def test_a_node_registered_with_a_malformed_record_still_exists(cli, tmp_path):
-    cli.put("/zmesh/v1/nodes/n4", "{broken")
+    cli.put("/zmesh/v1/nodes/n4/registration", "{broken")
     assert cli.ok("apply", "-f", manifest_file(tmp_path, network(nodes=("n4",)))) == "network/blue created\n"
 
 
@@ -276,7 +276,7 @@ def test_get_yaml_output_can_be_applied_again(cli, tmp_path):
 def nr_status(node, generation, ready="True", network_name="blue") -> str:
     return json.dumps({
         "apiVersion": "zmesh.io/v1", "kind": "NetworkResourceStatus", "network": network_name, "node": node,
-        "observedGeneration": generation, "publicKey": "A" * 43 + "=", "listenPort": 51820,
+        "observedGeneration": generation,
         "conditions": [{"type": "Ready", "status": ready, "reason": "Converged" if ready == "True" else "PeerMissing",
                         "message": "" if ready == "True" else "no peer for n3 yet",
                         "lastTransitionTime": "2026-01-01T00:00:00Z"}],
@@ -286,15 +286,20 @@ def nr_status(node, generation, ready="True", network_name="blue") -> str:
 def test_describe_and_status_show_what_the_agents_report(cli, tmp_path):
     cli.ok("apply", "-f", manifest_file(tmp_path, network(), workload(ip="10.1.1.10")))
     gen = cli.json("get", "networks", "blue")["metadata"]["generation"]
-    cli.put("/zmesh/v1/status/networks/blue/n1", nr_status("n1", gen))
-    cli.put("/zmesh/v1/status/networks/blue/n2", nr_status("n2", gen, ready="False"))
-    cli.put("/zmesh/v1/status/networks/blue/n3", "garbage: [")
+    cli.put("/zmesh/v1/nodes/n1/status/networks/blue", nr_status("n1", gen))
+    cli.put("/zmesh/v1/nodes/n2/status/networks/blue", nr_status("n2", gen, ready="False"))
+    cli.put("/zmesh/v1/nodes/n3/status/networks/blue", "garbage: [")
+    cli.put("/zmesh/v1/nodes/n1/mesh/facts/blue", json.dumps({
+        "apiVersion": "zmesh.io/v1", "kind": "NetworkResourceFacts", "network": "blue", "node": "n1",
+        "publicKey": "A" * 43 + "=", "listenPort": 51820, "endpoints": ["198.51.100.12"],
+        "subnet": "10.1.1.0/24"}))
     code, out, err = cli("describe", "network", "blue")
     assert code == 0
     assert "Ready:        1/3 network resources" in out
     assert "n3  subnet 10.1.3.0/24  gateway 10.1.3.1  (hidden, alive)" in out
     assert "PeerMissing" in out and "no peer for n3 yet" in out
-    assert "zmesh: warning: /zmesh/v1/status/networks/blue/n3" in err
+    assert "zmesh: warning: /zmesh/v1/nodes/n3/status/networks/blue" in err
+    assert "listen port 51820; endpoints 198.51.100.12; public key " + "A" * 43 + "=" in out
     assert cli.ok("get", "networks").splitlines()[1].split()[3] == "1/3"
     status = cli.json("status")
     assert status["nodes"]["alive"] == 3

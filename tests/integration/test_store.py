@@ -12,7 +12,7 @@ import yaml
 from store_objects import network, wide_network, workload
 
 from controller.models.manifest import ManifestError, to_json
-from controller.models.resources import Node, ResourceStatus, WorkloadStatus
+from controller.models.resources import NetworkResourceFacts, Node, ResourceStatus, WorkloadStatus
 from controller.sim.etcd import free_port
 from controller.store.client import (
     EtcdStore,
@@ -273,12 +273,19 @@ async def test_nodes_and_statuses(store):
     try:
         assert await store.list_nodes() == [node]
         assert await store.alive_nodes() == {"node-a"}
-        st = ResourceStatus(network="net1", node="node-a", observedGeneration=3, publicKey="pk", listenPort=51820)
+        st = ResourceStatus(network="net1", node="node-a", observedGeneration=3)
+        facts = NetworkResourceFacts(network="net1", node="node-a", publicKey="A" * 43 + "=",
+                                     listenPort=51820, endpoints=["198.51.100.7"], subnet="10.1.1.0/24")
         await store.put_status(st)
+        await store.put_facts(facts)
         await store.put_status(WorkloadStatus(workload="w1", node="node-a", ip="10.1.1.2"))
-        await store.put(store.layout.nr_status("net1", "node-z"), "garbage")
-        assert await store.get_statuses("net1") == [st]
-        assert (await store.get_workload_status("w1")).ip.compressed == "10.1.1.2"
+        await store.put(store.layout.nr_status("node-z", "net1"), "garbage")
+        # a value under another node's key is not that node's, whatever it says
+        await store.put(store.layout.nr_status("node-y", "net1"), st.model_dump_json())
+        assert await store.get_statuses("net1", ["node-a", "node-y", "node-z"]) == {"node-a": st}
+        assert await store.get_facts("net1", ["node-a", "node-y"]) == {"node-a": facts}
+        assert (await store.get_workload_status("node-a", "w1")).ip.compressed == "10.1.1.2"
+        assert store.layout.facts("node-a", "net1").startswith(store.layout.node_root("node-a"))
     finally:
         await reg.stop()
     assert await store.alive_nodes() == set()

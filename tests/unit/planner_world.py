@@ -9,7 +9,7 @@
 import base64
 from ipaddress import ip_address
 
-from controller.models.resources import Network, ResourceStatus
+from controller.models.resources import Network, NetworkResourceFacts
 from controller.planner.plan import LocalFacts, NodeContext, plan_network
 
 ENDPOINTS = {
@@ -38,21 +38,21 @@ def key(node):
     return base64.b64encode(node.encode().ljust(32, b".")).decode()
 
 
-def status(node, **override):
-    facts = dict(network="blue", node=node, publicKey=key(node), listenPort=PORTS[node],
-                 endpoints=list(ENDPOINTS[node]), subnet=SUBNETS[node])
-    facts.update(override)
-    return ResourceStatus.model_validate(facts)
+def facts(node, **override):
+    published = dict(network="blue", node=node, publicKey=key(node), listenPort=PORTS[node],
+                     endpoints=list(ENDPOINTS[node]), subnet=SUBNETS[node])
+    published.update(override)
+    return NetworkResourceFacts.model_validate(published)
 
 
-def all_statuses(*except_nodes):
-    return {n: status(n) for n in SUBNETS if n not in except_nodes}
+def all_facts(*except_nodes):
+    return {n: facts(n) for n in SUBNETS if n not in except_nodes}
 
 
 def ctx(node, prefix="n-"):
     return NodeContext(node, prefix, tuple(ip_address(a) for a in ENDPOINTS[node]), 1500)
 
 
-def plan(node, net=None, statuses=None, alive=None, workloads=(), ips=None):
-    return plan_network(ctx(node), net or network(), all_statuses() if statuses is None else statuses,
-                        alive, workloads, LocalFacts(key(node), PORTS[node]), ips or {})
+def plan(node, net=None, published=None, alive=None, workloads=(), ips=None, bad=None):
+    return plan_network(ctx(node), net or network(), all_facts() if published is None else published,
+                        alive, workloads, LocalFacts(key(node), PORTS[node]), ips or {}, bad)

@@ -8,6 +8,7 @@ import ipaddress
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from controller.models.manifest import (
     ManifestError,
@@ -574,3 +575,62 @@ def test_public_and_private_unicast_ranges_are_fine(ip_range):
 ])
 def test_a_bad_prefix_says_what_is_wrong_with_it(value, message):
     assert_rejected(network_doc(ip_range=value, resources=[]), message)
+
+
+# --- facts a node publishes for its peers: input from someone else ---------------------------
+
+FACTS = {"apiVersion": "zmesh.io/v1", "kind": "NetworkResourceFacts", "network": "blue", "node": "n2",
+         "publicKey": "A" * 43 + "=", "listenPort": 51820,
+         "endpoints": ["198.51.100.2", "2001:db8::2"], "subnet": "10.1.2.0/24"}
+
+
+def test_facts_accept_what_an_agent_publishes():
+    from controller.models.resources import NetworkResourceFacts
+
+    facts = NetworkResourceFacts.model_validate(FACTS)
+    assert facts.public and str(facts.endpoints[1]) == "2001:db8::2"
+
+
+@pytest.mark.parametrize("field,value,why", [
+    ("endpoints", ["fe80::1%x\nremove=true"], "without a zone index"),
+    ("endpoints", ["fe80::1%eth0"], "without a zone index"),
+    ("endpoints", ["fe80::1"], "link-local"),
+    ("endpoints", ["169.254.1.1"], "link-local"),
+    ("endpoints", ["127.0.0.1"], "loopback"),
+    ("endpoints", ["::1"], "loopback"),
+    ("endpoints", ["0.0.0.0"], "unspecified"),
+    ("endpoints", ["::"], "unspecified"),
+    ("endpoints", ["224.0.0.1"], "multicast"),
+    ("endpoints", ["ff02::1"], "multicast"),
+    ("endpoints", ["255.255.255.255"], "reserved"),
+    ("endpoints", ["::ffff:198.51.100.2"], "IPv4-mapped"),
+    ("endpoints", [" 198.51.100.2"], "not an IPv4 or IPv6 address"),
+    ("endpoints", [3325256706], "not an IPv4 or IPv6 address"),
+    ("endpoints", ["198.51.100.2"] * 17, "at most 16"),
+    ("endpoints", "198.51.100.2", "valid list"),
+    ("listenPort", 0, "greater than or equal to 1"),
+    ("listenPort", 99999, "less than or equal to 65535"),
+    ("listenPort", "51820", "valid integer"),
+    ("listenPort", True, "valid integer"),
+    ("publicKey", "not-a-key", "WireGuard public key"),
+    ("publicKey", "A" * 42 + "==", "32 bytes"),
+    ("publicKey", "A" * 44 + "\nremove=true", "WireGuard public key"),
+    ("publicKey", None, "string"),
+    ("subnet", "10.1.2.1/24", "host bits"),
+    ("node", "N2/../x", "not a valid name"),
+    ("extra", "x", "Extra inputs"),
+])
+def test_hostile_facts_are_rejected_with_the_reason(field, value, why):
+    from controller.models.resources import NetworkResourceFacts
+
+    with pytest.raises(ValidationError) as e:
+        NetworkResourceFacts.model_validate(FACTS | {field: value})
+    assert why in str(e.value), str(e.value)
+
+
+def test_agent_endpoints_follow_the_same_rule():
+    from controller.reconciler.config import parse_endpoint
+
+    assert str(parse_endpoint("[2001:db8::2]")) == "2001:db8::2"
+    with pytest.raises(ValueError, match="loopback"):
+        parse_endpoint("127.0.0.1")

@@ -4,7 +4,7 @@ in the world of planner_world.py (p1, p2 public IPv4; p1, p6 public IPv6; h1, h2
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network as N, ip_address
 
 import pytest
-from planner_world import SUBNETS, all_statuses, key, network, plan, status
+from planner_world import SUBNETS, all_facts, facts, key, network, plan
 
 from controller.models.resources import Workload
 from controller.planner import names
@@ -57,9 +57,9 @@ def test_equal_inputs_give_equal_hashable_plans():
 
 
 def test_status_order_does_not_change_the_plan():
-    statuses = all_statuses()
-    reversed_statuses = dict(reversed(list(statuses.items())))
-    assert plan("p1", statuses=statuses) == plan("p1", statuses=reversed_statuses)
+    published = all_facts()
+    reversed_statuses = dict(reversed(list(published.items())))
+    assert plan("p1", published=published) == plan("p1", published=reversed_statuses)
 
 
 # --- public nodes -----------------------------------------------------------------------------
@@ -107,41 +107,43 @@ def test_routes_are_every_allowed_prefix_via_wireguard():
     assert nr.routes == tuple(sorted(N(SUBNETS[n]) for n in ("p2", "p6", "h1", "h2")))
 
 
-def test_own_status_is_ignored():
-    statuses = all_statuses()
-    statuses["p1"] = status("p1", publicKey=key("stale"), listenPort=1)
-    nr = plan("p1", statuses=statuses)
+def test_own_facts_are_ignored():
+    published = all_facts()
+    published["p1"] = facts("p1", publicKey=key("stale"), listenPort=1)
+    nr = plan("p1", published=published)
     assert nr.public_key == key("p1") and nr.listen_port == 51821
     assert "p1" not in peers_by_node(nr)
 
 
-def test_statuses_of_nodes_outside_the_network_are_ignored():
-    statuses = all_statuses()
-    nr = plan("p1", net=network(nodes=("p1", "p2")), statuses=statuses)
+def test_facts_of_nodes_outside_the_network_are_ignored():
+    published = all_facts()
+    nr = plan("p1", net=network(nodes=("p1", "p2")), published=published)
     assert set(peers_by_node(nr)) == {"p2"}
     assert nr.issues == ()
 
 
-def test_status_published_for_another_network_does_not_count():
-    statuses = all_statuses()
-    statuses["p2"] = status("p2", network="red")
-    nr = plan("p1", statuses=statuses)
-    assert "p2" not in peers_by_node(nr)
-    assert "p2" in nr.pending
+def test_facts_published_for_another_network_or_node_do_not_count():
+    published = all_facts()
+    published["p2"] = facts("p2", network="red")
+    published["p6"] = facts("p2").model_copy(update={"subnet": N(SUBNETS["p6"])})
+    nr = plan("p1", published=published)
+    assert "p2" not in peers_by_node(nr) and "p6" not in peers_by_node(nr)
+    assert nr.pending == ("p2", "p6")
 
 
-def test_malformed_public_key_is_reported_and_not_peered():
-    statuses = all_statuses()
-    statuses["p2"] = status("p2", publicKey="not-a-key")
-    nr = plan("p1", statuses=statuses)
-    assert "p2" not in peers_by_node(nr)
-    assert [(i.reason, i.subject) for i in nr.issues] == [(INVALID_FACTS, "p2")]
+def test_invalid_facts_are_reported_and_that_peer_alone_is_not_peered():
+    published = all_facts("p2")
+    nr = plan("p1", published=published, bad={"p2": "listenPort: must be 1-65535"})
+    assert set(peers_by_node(nr)) == {"p6", "h1", "h2"}
+    [issue] = nr.issues
+    assert (issue.reason, issue.subject) == (INVALID_FACTS, "p2")
+    assert "listenPort: must be 1-65535" in issue.message
 
 
 def test_a_key_published_twice_peers_only_the_first_node_by_name():
-    statuses = all_statuses()
-    statuses["p6"] = status("p6", publicKey=key("p2"))
-    nr = plan("p1", statuses=statuses)
+    published = all_facts()
+    published["p6"] = facts("p6", publicKey=key("p2"))
+    nr = plan("p1", published=published)
     assert peers_by_node(nr)["p2"].public_key == key("p2")
     assert "p6" not in peers_by_node(nr)
     issue = next(i for i in nr.issues if i.reason == INVALID_FACTS)
@@ -149,22 +151,21 @@ def test_a_key_published_twice_peers_only_the_first_node_by_name():
 
 
 def test_a_peer_publishing_our_own_key_is_not_peered():
-    statuses = all_statuses()
-    statuses["p2"] = status("p2", publicKey=key("p1"))
-    assert "p2" not in peers_by_node(plan("p1", statuses=statuses))
+    published = all_facts()
+    published["p2"] = facts("p2", publicKey=key("p1"))
+    assert "p2" not in peers_by_node(plan("p1", published=published))
 
 
 def test_peer_without_published_facts_is_pending_not_peered():
-    statuses = all_statuses("p2")
-    statuses["p6"] = status("p6", publicKey=None)
-    nr = plan("p1", statuses=statuses)
+    published = all_facts("p2", "p6")
+    nr = plan("p1", published=published)
     assert set(peers_by_node(nr)) == {"h1", "h2"}
     assert nr.pending == ("p2", "p6")
     assert all(i.reason == PEER_PENDING for i in nr.issues)
 
 
 def test_hidden_subnet_not_published_is_not_routed_anywhere():
-    nr = plan("p2", statuses=all_statuses("h2"))
+    nr = plan("p2", published=all_facts("h2"))
     assert peers_by_node(nr)["p1"].allowed_ips == (N("10.1.1.0/24"), N("10.1.11.0/24"))
     assert nr.pending == ("h2",)
 
@@ -202,7 +203,7 @@ def test_dead_first_aggregator_falls_back_to_the_next_live_one():
 
 
 def test_unpublished_aggregator_is_skipped():
-    assert plan("h1", statuses=all_statuses("p1")).aggregator == "p2"
+    assert plan("h1", published=all_facts("p1")).aggregator == "p2"
 
 
 def test_hidden_node_listed_as_aggregator_is_skipped():
@@ -210,7 +211,7 @@ def test_hidden_node_listed_as_aggregator_is_skipped():
 
 
 def test_aggregator_judges_itself_by_its_own_facts_and_liveness():
-    assert plan("p1", statuses=all_statuses("p1")).aggregator == "p1"
+    assert plan("p1", published=all_facts("p1")).aggregator == "p1"
     assert plan("p1", alive={"p2"}).aggregator == "p2"
 
 

@@ -42,8 +42,8 @@ def deliver(plans, src, dst):
     return path
 
 
-def plan_world(alive=None, statuses=None, net=None):
-    return {n: plan(n, net=net, alive=alive, statuses=statuses) for n in NODES}
+def plan_world(alive=None, published=None, net=None):
+    return {n: plan(n, net=net, alive=alive, published=published) for n in NODES}
 
 
 NO_COMMON = {("p2", "p6"), ("p6", "p2")}

@@ -41,7 +41,24 @@ def test_layout_key_parsing():
     assert lay.parse_index_key(lay.node_index("n1") + "other/x") is None
     assert lay.parse_spec_key(lay.workload("w")) == ("Workload", "w")
     assert lay.parse_spec_key(lay.networks()) is None
-    assert lay.parse_spec_key(lay.node("n1")) is None
+    assert lay.parse_spec_key(lay.node_registration("n1")) is None
+
+
+def test_everything_a_node_writes_is_under_its_own_prefix():
+    lay = Layout("/x/")
+    own = lay.node_root("n1")
+    keys = [lay.node_registration("n1"), lay.node_alive("n1"), lay.facts("n1", "blue"),
+            lay.verdicts("n1", "blue"), lay.nr_status("n1", "blue"), lay.workload_status("n1", "w"),
+            lay.node_events("n1") + "e1"]
+    assert all(k.startswith(own) for k in keys)
+    # what peers watch holds liveness and facts, and never conditions
+    assert lay.node_alive("n1").startswith(lay.node_mesh("n1"))
+    assert lay.facts("n1", "blue").startswith(lay.node_mesh("n1"))
+    assert not lay.nr_status("n1", "blue").startswith(lay.node_mesh("n1"))
+    # one node's prefix never contains another's ("n1" vs "n10")
+    assert not lay.node_root("n10").startswith(own)
+    assert lay.parse_node_key(lay.facts("n1", "blue")) == ("n1", "mesh/facts/blue")
+    assert lay.parse_node_key(lay.nodes() + "n1") is None
 
 
 def test_lenient_nodes():
