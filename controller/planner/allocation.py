@@ -1,5 +1,5 @@
-"""Pure, deterministic allocation of WireGuard listen ports (per node) and workload addresses
-(per NR subnet). Existing allocations are kept whenever they are still valid, so a resync or an
+"""Pure, deterministic allocation of WireGuard listen ports and NR public-leg addresses (per
+node) and workload addresses (per NR subnet). Existing allocations are kept whenever they are still valid, so a resync or an
 agent restart never renumbers anything that works."""
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 
 from controller.models.resources import PortRange, Workload
 from controller.models.validation import address_problems
+
+from .ndmz import NDMZ_GATEWAY, NDMZ_RANGE
 
 
 class PortsExhausted(ValueError):
@@ -99,3 +101,34 @@ def _free_hosts(subnet: ipaddress.IPv4Network, taken: Mapping[ipaddress.IPv4Addr
     for ip in subnet.hosts():
         if ip not in taken and not address_problems(ip, subnet):
             yield ip
+
+
+class PublicAddressesExhausted(ValueError):
+    """Every address of the ndmz range is held by another NR of this node."""
+
+
+def allocate_public_ip(in_use: Mapping[str, ipaddress.IPv4Address], network: str) -> ipaddress.IPv4Address:
+    """The address of `network`'s public leg in the ndmz (100.64.0.0/16, never the gateway).
+
+    `in_use` maps network -> address for the NRs the node already recorded (may include
+    `network`). Like listen ports: a network keeps its address while it is valid and no other
+    network holds it (of two holders the first by name keeps it); otherwise it gets the lowest
+    free one. Callers record the result before using it, so it is stable across restarts.
+    """
+    current = in_use.get(network)
+    others = {net: ip for net, ip in in_use.items() if net != network}
+    if current is not None and _usable_leg(current):
+        holders = sorted(net for net, ip in others.items() if ip == current)
+        if not holders or network < holders[0]:
+            return current
+    taken = set(others.values())
+    for ip in NDMZ_RANGE.hosts():
+        if ip not in taken and _usable_leg(ip):
+            return ip
+    raise PublicAddressesExhausted(
+        f"no free address for network {network!r}'s public leg: all of {NDMZ_RANGE} is in use")
+
+
+def _usable_leg(ip: ipaddress.IPv4Address) -> bool:
+    return ip in NDMZ_RANGE and ip != NDMZ_GATEWAY and ip not in (
+        NDMZ_RANGE.network_address, NDMZ_RANGE.broadcast_address)

@@ -22,9 +22,14 @@ NR_NETNS_MARK = "zmnr-"
 NDMZ_NETNS_MARK = "zmndmz"
 WG_MARK = "zw"
 WORKLOAD_VETH_MARK = "zv"
-# Names inside an NR namespace are private to that namespace, so they can be fixed.
+NDMZ_PORT_MARK = "zp"
+# Names inside an NR namespace (and inside the ndmz) are private to it, so they can be fixed.
 NR_BRIDGE = "zmbr"
 NR_PUBLIC_IFNAME = "public"  # the NR's veth into the node's ndmz (design.md section 1)
+NDMZ_BRIDGE = "tonrs"  # the ndmz's bridge holding every NR's public leg (the seed's name)
+NDMZ_UPLINK_IFNAME = "public"  # single NIC: the ndmz's veth towards the host namespace
+# Zero-Mesh's nftables table in every namespace it manages (NRs, the ndmz).
+NFT_TABLE = "zmesh"
 
 _PREFIX_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,4}-$")
 _NETWORK_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -70,6 +75,23 @@ def nr_netns(prefix: str, network: str) -> str:
 def ndmz_netns(prefix: str) -> str:
     """The node's ndmz namespace (one per node), e.g. "n1-zmndmz"."""
     return f"{check_prefix(prefix)}{NDMZ_NETNS_MARK}"
+
+
+def ndmz_host_ifname(prefix: str) -> str:
+    """Single NIC: the host-namespace end of the veth to the ndmz, e.g. "n1-zmndmz"."""
+    return f"{check_prefix(prefix)}{NDMZ_NETNS_MARK}"
+
+
+def host_nft_table(prefix: str) -> str:
+    """Zero-Mesh's nftables table in the node's host namespace, which other software shares (and
+    on a test machine other nodes' agents too): "zmesh", or "zmesh-n1" for prefix "n1-"."""
+    return NFT_TABLE + (f"-{check_prefix(prefix)[:-1]}" if prefix else "")
+
+
+def ndmz_port(network: str) -> str:
+    """The ndmz end of `network`'s public leg, on the ndmz bridge: "zp" + 13 hex digits (names
+    inside the ndmz are private to the node, so no prefix)."""
+    return _hashed_ifname("", NDMZ_PORT_MARK, network)
 
 
 def wg_ifname(prefix: str, network: str) -> str:

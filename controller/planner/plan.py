@@ -9,7 +9,10 @@ Rules (docs/planner.md has the full list with reasons):
   alive (when liveness is known) and published; AllowedIPs = the whole ipRange, keepalive 25 s;
 - the aggregator peers with each hidden NR (no endpoint: the hidden side initiates);
 - other public NRs route the hidden subnets through the aggregator's peer;
-- one route via the WireGuard interface per AllowedIPs prefix.
+- one route via the WireGuard interface per AllowedIPs prefix;
+- Internet: the NR's `public` leg into the ndmz, default route via the ndmz gateway, unless the
+  network has an egress NR elsewhere: then the peer towards it carries 0.0.0.0/0 (a hidden NR's
+  only peer, the aggregator, relays it); the NR's nftables ruleset (rulesets.nr_ruleset).
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from controller.models.nftables import Table
 from controller.models.resources import Network, NetworkResourceFacts, Workload
 
 from . import names
+from .ndmz import NDMZ_GATEWAY, NDMZ_RANGE
+from .rulesets import nr_ruleset
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -41,6 +47,9 @@ NO_COMMON_FAMILY = "NoCommonAddressFamily"  # a public peer has no address famil
 NO_AGGREGATOR = "NoAggregator"  # hidden NRs exist but no aggregator is usable
 WORKLOAD_PENDING = "WorkloadAddressPending"  # a workload has no allocated address
 INVALID_FACTS = "InvalidPeerFacts"  # published facts are malformed, or their key is another NR's
+EGRESS_UNREACHABLE = "EgressUnreachable"  # the network's egress NR cannot be reached: no Internet
+
+INTERNET = ipaddress.IPv4Network("0.0.0.0/0")
 
 
 @dataclass(frozen=True)
@@ -66,10 +75,12 @@ class NodeContext:
 
 @dataclass(frozen=True)
 class LocalFacts:
-    """This node's own NR facts: its public key (base64) and allocated listen port."""
+    """This node's own NR facts: its public key (base64), allocated listen port and the
+    allocated address of its public leg in the ndmz (None: no Internet leg planned)."""
 
     public_key: str
     listen_port: int
+    public_ip: ipaddress.IPv4Address | None = None
 
 
 @dataclass(frozen=True, order=True)
@@ -90,6 +101,17 @@ class WorkloadAttachment:
     address: ipaddress.IPv4Interface  # ip/prefix
     gateway: ipaddress.IPv4Address
     mtu: int
+
+
+@dataclass(frozen=True)
+class PublicLeg:
+    """The NR's veth into the ndmz: `ifname` inside the NR, `ndmz_port` on the ndmz bridge."""
+
+    ifname: str
+    ndmz_port: str
+    address: ipaddress.IPv4Interface  # e.g. 100.64.0.2/16
+    gateway: ipaddress.IPv4Address  # the ndmz gateway
+    default_route: bool  # False: the network exits through an egress NR elsewhere
 
 
 @dataclass(frozen=True, order=True)
@@ -115,6 +137,11 @@ class DesiredNR:
     routes: tuple[ipaddress.IPv4Network, ...]  # each via wg_ifname
     workloads: tuple[WorkloadAttachment, ...]
     issues: tuple[Issue, ...]
+    public: PublicLeg | None = None
+    # Where Internet traffic leaves: None through this NR's own public leg, else the node of
+    # the peer carrying 0.0.0.0/0 (the egress NR, or the aggregator relaying towards it).
+    internet_via: str | None = None
+    ruleset: Table | None = None
 
     @property
     def pending(self) -> tuple[str, ...]:
@@ -210,6 +237,20 @@ def plan_network(
                                 "subnets " + ", ".join(str(r.subnet) for r in hidden_remotes)
                                 + " are unreachable from this node"))
 
+    internet_via = None
+    if spec.egress is not None and spec.egress != ctx.node_id:
+        internet_via = _egress_via(ctx, network, aggregator, hidden_remotes, peers, issues)
+        if internet_via is not None:
+            peers = [p if p.node != internet_via else DesiredPeer(
+                p.public_key, p.endpoint, tuple(sorted({*p.allowed_ips, INTERNET})),
+                p.persistent_keepalive, p.node) for p in peers]
+    public = None  # no address allocated: no public leg planned (the reconciler always has one)
+    if local.public_ip is not None:
+        public = PublicLeg(
+            ifname=names.NR_PUBLIC_IFNAME, ndmz_port=names.ndmz_port(network.name),
+            address=ipaddress.IPv4Interface(f"{local.public_ip}/{NDMZ_RANGE.prefixlen}"),
+            gateway=NDMZ_GATEWAY, default_route=spec.egress in (None, ctx.node_id))
+
     mtu = ctx.underlay_mtu - tunnel_overhead(ctx, peers)
     gateway = ipaddress.IPv4Interface(f"{own.gateway}/{own.subnet.prefixlen}")
     attachments = []
@@ -245,7 +286,31 @@ def plan_network(
         routes=tuple(sorted({prefix for p in peers for prefix in p.allowed_ips})),
         workloads=tuple(attachments),
         issues=tuple(sorted(issues)),
+        public=public,
+        internet_via=internet_via,
+        ruleset=nr_ruleset(own.subnet),
     )
+
+
+def _egress_via(ctx: NodeContext, network: Network, aggregator: str | None,
+                hidden_remotes: Sequence[_Remote], peers: Sequence[DesiredPeer],
+                issues: list[Issue]) -> str | None:
+    """The node whose peer carries 0.0.0.0/0 towards the network's egress NR (not this node):
+    the egress itself when we peer with it; else, when this NR or the egress is hidden, the
+    aggregator that relays between them (the egress accepts the relayed traffic because the
+    aggregator's peer there carries the hidden subnets). None, with an issue, when there is no
+    such path: the NR then has no Internet at all rather than leaving locally."""
+    egress = network.spec.egress
+    peered = {p.node for p in peers}
+    if egress in peered:
+        return egress
+    relayed = ctx.hidden or egress in {r.node for r in hidden_remotes}
+    if relayed and aggregator in peered:
+        return aggregator
+    issues.append(Issue(EGRESS_UNREACHABLE, f"network {network.name!r} leaves to the Internet "
+                        f"through node {egress!r}, which this NR has no path to (yet); "
+                        "no Internet access meanwhile", egress))
+    return None
 
 
 def tunnel_overhead(ctx: NodeContext, peers: Sequence[DesiredPeer]) -> int:

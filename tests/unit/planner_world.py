@@ -24,12 +24,12 @@ SUBNETS = {"p1": "10.1.1.0/24", "p2": "10.1.2.0/24", "p6": "10.1.6.0/24",
 PORTS = {"p1": 51821, "p2": 51822, "p6": 51826, "h1": 51831, "h2": 51832}
 
 
-def network(nodes=tuple(SUBNETS), aggregators=("p1", "p2")):
+def network(nodes=tuple(SUBNETS), aggregators=("p1", "p2"), egress=None):
     return Network.model_validate({
         "metadata": {"name": "blue"},
         "spec": {"ipRange": "10.1.0.0/16",
                  "resources": [{"node": n, "subnet": SUBNETS[n]} for n in nodes],
-                 "aggregators": [a for a in aggregators if a in nodes]},
+                 "aggregators": [a for a in aggregators if a in nodes], "egress": egress},
     })
 
 
@@ -53,6 +53,6 @@ def ctx(node, prefix="n-"):
     return NodeContext(node, prefix, tuple(ip_address(a) for a in ENDPOINTS[node]), 1500)
 
 
-def plan(node, net=None, published=None, alive=None, workloads=(), ips=None, bad=None):
+def plan(node, net=None, published=None, alive=None, workloads=(), ips=None, bad=None, public_ip=None):
     return plan_network(ctx(node), net or network(), all_facts() if published is None else published,
-                        alive, workloads, LocalFacts(key(node), PORTS[node]), ips or {}, bad)
+                        alive, workloads, LocalFacts(key(node), PORTS[node], public_ip), ips or {}, bad)
