@@ -8,6 +8,13 @@ Network namespaces stand in for hosts (design.md section 4):
     <id>-ihost  an Internet host, 203.0.113.10, to test egress.
     <id>-nK     public node K: uplink veth `up0` on br0 with 198.51.100.(10+K) and/or
                 2001:db8:100::(10+K); default routes via the Internet namespace.
+    <id>-rR     home router R: `wan0` on br0 with 198.51.100.(200+R), a LAN bridge `lan0` with
+                192.168.R.1/24, masquerading the LAN onto wan0; its forward policy drops
+                whatever the LAN did not ask for (like any NAT box), so nothing on the
+                Internet can open a connection to a node behind it.
+    <id>-nK     hidden node K behind router R: `up0` on the router's LAN with 192.168.R.(10+K),
+                default route via the router, no public address (its agent runs without
+                --public-endpoint). Several hidden nodes may share a router.
 
 Every node runs its own agent process (`zmesh agent`) against one shared etcd; the agent process
 stays in the machine's namespace (so it reaches etcd on loopback) and is told its host namespace
@@ -39,6 +46,27 @@ PUBLIC_V4 = ipaddress.IPv4Network("198.51.100.0/24")
 PUBLIC_V6 = ipaddress.IPv6Network("2001:db8:100::/64")
 INTERNET_HOST_NET = ipaddress.IPv4Network("203.0.113.0/24")
 INTERNET_HOST = ipaddress.IPv4Address("203.0.113.10")
+ROUTER_WAN_BASE = 200  # router R's public address is 198.51.100.(200+R)
+
+# A home router: masquerade the LAN behind the WAN address, forward only what the LAN started.
+ROUTER_NFT = """
+table ip zmsim-nat {
+  chain postrouting {
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname "wan0" masquerade
+  }
+  chain forward {
+    type filter hook forward priority filter; policy drop;
+    ct state established,related accept
+    iifname "lan0" oifname "wan0" accept
+  }
+  chain input {
+    type filter hook input priority filter; policy drop;
+    ct state established,related accept
+    iifname { "lo", "lan0" } accept
+  }
+}
+"""
 
 
 def new_world_id() -> str:
@@ -59,10 +87,37 @@ class SimNode:
     metrics_port: int | None = None
     agent: subprocess.Popen | None = None
     log_path: Path | None = None
+    router: "SimRouter | None" = None  # set for a hidden node: the NAT box it sits behind
+    # The far end of the node's uplink veth: on the Internet bridge for a public node, on its
+    # router's LAN for a hidden one. Taking it down cuts the node off while its own namespace
+    # stays untouched, like pulling a cable (World.set_uplink).
+    uplink_netns: str = ""
+    uplink_ifname: str = ""
+
+    @property
+    def hidden(self) -> bool:
+        return self.router is not None
 
     @property
     def endpoints(self) -> list[str]:
+        """The public addresses its agent announces: none for a hidden node (its ipv4 is a
+        private LAN address that nobody outside the router can reach)."""
+        if self.hidden:
+            return []
         return [str(a) for a in (self.ipv4, self.ipv6) if a is not None]
+
+
+@dataclasses.dataclass
+class SimRouter:
+    name: str
+    index: int
+    netns: str
+    wan: ipaddress.IPv4Address
+    lan: ipaddress.IPv4Network
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        return self.lan.network_address + 1
 
 
 def run_ip_batch(netns: str | None, commands: list[str]) -> subprocess.CompletedProcess:
@@ -116,6 +171,7 @@ class World:
         self.inet = f"{self.id}-inet"
         self.ihost = f"{self.id}-ihost"
         self.nodes: dict[str, SimNode] = {}
+        self.routers: dict[str, SimRouter] = {}
         self.workload_netns: list[str] = []
         self.agent_args = agent_args or []
         self.resync_interval = resync_interval
@@ -164,10 +220,14 @@ class World:
         for key in ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"):
             netns_exec(self.inet, "sysctl", "-qw", key, check=True)
 
-    def add_node(self, node_id: str, *, ipv4: bool = True, ipv6: bool = True) -> SimNode:
-        """A public node on the Internet LAN (IPv4 and/or IPv6 endpoints)."""
+    def add_node(self, node_id: str, *, ipv4: bool = True, ipv6: bool = True,
+                 behind: str | None = None) -> SimNode:
+        """A public node on the Internet LAN (IPv4 and/or IPv6 endpoints), or with `behind` a
+        hidden node on the LAN of that home router (made with add_router; IPv4 only)."""
         index = len(self.nodes) + 1
         netns = f"{self.id}-n{index}"
+        if behind is not None:
+            return self._add_hidden_node(node_id, index, netns, self.routers[behind])
         node = SimNode(
             node_id=node_id, index=index, netns=netns,
             name_prefix=f"{self.id}{index}-",
@@ -175,6 +235,7 @@ class World:
             ipv4=(PUBLIC_V4.network_address + 10 + index) if ipv4 else None,
             # Written so that node K reads as ...::1K, like its IPv4 address 198.51.100.1K.
             ipv6=ipaddress.IPv6Address(f"2001:db8:100::{10 + index}") if ipv6 else None,
+            uplink_netns=self.inet, uplink_ifname=f"{self.id}p{index}",
         )
         self._add_netns(netns)
         run_ip_batch(self.inet, [
@@ -192,6 +253,62 @@ class World:
         node.state_dir.mkdir(parents=True, exist_ok=True)
         self.nodes[node_id] = node
         return node
+
+    def add_router(self, name: str) -> SimRouter:
+        """A home router on the Internet LAN that masquerades its own LAN (see ROUTER_NFT)."""
+        index = len(self.routers) + 1
+        if index > 50:
+            raise ValueError("at most 50 routers per world")
+        router = SimRouter(name=name, index=index, netns=f"{self.id}-r{index}",
+                           wan=PUBLIC_V4.network_address + ROUTER_WAN_BASE + index,
+                           lan=ipaddress.IPv4Network(f"192.168.{index}.0/24"))
+        self._add_netns(router.netns)
+        run_ip_batch(self.inet, [
+            f"link add {self.id}r{index} type veth peer name wan0 netns {router.netns}",
+            f"link set {self.id}r{index} master br0 up",
+        ])
+        run_ip_batch(router.netns, [
+            "link set lo up",
+            "link set wan0 up",
+            f"addr add {router.wan}/{PUBLIC_V4.prefixlen} dev wan0",
+            f"route add default via {PUBLIC_V4.network_address + 1}",
+            "link add lan0 type bridge",
+            "link set lan0 up",
+            f"addr add {router.gateway}/{router.lan.prefixlen} dev lan0",
+        ])
+        netns_exec(router.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1", check=True)
+        res = subprocess.run(["ip", "netns", "exec", router.netns, "nft", "-f", "-"], input=ROUTER_NFT,
+                             text=True, capture_output=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"router {name}: nft failed: {res.stderr.strip()}")
+        self.routers[name] = router
+        return router
+
+    def _add_hidden_node(self, node_id: str, index: int, netns: str, router: SimRouter) -> SimNode:
+        lan_port = f"{self.id}l{index}"
+        node = SimNode(
+            node_id=node_id, index=index, netns=netns, name_prefix=f"{self.id}{index}-",
+            state_dir=self.workdir / node_id, ipv4=router.lan.network_address + 10 + index,
+            ipv6=None, router=router, uplink_netns=router.netns, uplink_ifname=lan_port,
+        )
+        self._add_netns(netns)
+        run_ip_batch(router.netns, [
+            f"link add {lan_port} type veth peer name up0 netns {netns}",
+            f"link set {lan_port} master lan0 up",
+        ])
+        run_ip_batch(netns, [
+            "link set lo up", "link set up0 up",
+            f"addr add {node.ipv4}/{router.lan.prefixlen} dev up0",
+            f"route add default via {router.gateway}",
+        ])
+        node.state_dir.mkdir(parents=True, exist_ok=True)
+        self.nodes[node_id] = node
+        return node
+
+    def set_uplink(self, node_id: str, up: bool) -> None:
+        """Plug (up) or pull (down) the cable of a node's uplink, at the far end."""
+        node = self.nodes[node_id]
+        run_ip_batch(node.uplink_netns, [f"link set {node.uplink_ifname} {'up' if up else 'down'}"])
 
     def add_workload_netns(self, name: str) -> str:
         """A bare namespace standing in for a container's network namespace."""
@@ -300,5 +417,5 @@ def in_process_group_guard() -> None:
     signal.signal(signal.SIGTERM, _raise)
 
 
-__all__ = ["World", "SimNode", "new_world_id", "netns_exec", "run_ip_batch", "INTERNET_HOST",
+__all__ = ["World", "SimNode", "SimRouter", "new_world_id", "netns_exec", "run_ip_batch", "INTERNET_HOST",
            "free_tcp_port", "in_process_group_guard", "scrape_metrics", "metric_total"]

@@ -12,6 +12,7 @@ import urllib.request
 
 
 from controller.dataplane.wireguard import uapi
+from controller.dataplane.wireguard.base import public_key
 from controller.planner import names
 from controller.sim.world import World, metric_total, netns_exec, scrape_metrics
 
@@ -61,6 +62,16 @@ class Mesh:
         for node_id in node_ids:
             wait_until(lambda: self.ready(node_id), 30, what=f"agent {node_id} ready")
 
+    def start_hidden(self, router: str, *node_ids: str) -> None:
+        """Hidden nodes on the LAN of home router `router` (created on first use)."""
+        if router not in self.world.routers:
+            self.world.add_router(router)
+        for node_id in node_ids:
+            self.world.add_node(node_id, behind=router)
+            self.world.start_agent(node_id)
+        for node_id in node_ids:
+            wait_until(lambda: self.ready(node_id), 30, what=f"agent {node_id} ready")
+
     def ready(self, node_id: str) -> bool:
         try:
             with urllib.request.urlopen(self.url(node_id, "/readyz"), timeout=1) as r:
@@ -97,6 +108,14 @@ class Mesh:
         try:
             return int(pidfile.read_text().split()[0])
         except (FileNotFoundError, ValueError, IndexError):
+            return None
+
+    def public_key(self, node_id: str, network: str) -> str | None:
+        """The public key of the node's NR (derived from its key file; None before it exists)."""
+        path = self.world.nodes[node_id].state_dir / "keys" / f"{self.wg_ifname(node_id, network)}.key"
+        try:
+            return public_key(path.read_text().strip())
+        except FileNotFoundError:
             return None
 
     async def wg_device(self, node_id: str, network: str):
