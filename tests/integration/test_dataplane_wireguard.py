@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from ipaddress import ip_network
 
 import pytest
 from dataplane_world import world  # noqa: F401 (fixture)
 from dataplane_world import needs_root, ping
 
 from controller.dataplane.wireguard import select_backend, uapi
-from controller.dataplane.wireguard.base import DeviceOps, PeerOp, WireGuardError
+from controller.dataplane.wireguard.base import DeviceOps, PeerOp, WireGuardError, generate_private_key, public_key
 from controller.dataplane.wireguard.kernel import kernel_available
 from controller.dataplane.wireguard.userspace import UserspaceBackend
 
@@ -102,7 +103,8 @@ async def test_peer_update_is_minimal_and_moves_allowed_ips(world):
     ops = await a.backend.configure(a.wg, a.nr_ns, a.keys[0], a.port, moved)
     assert ops.private_key is None and ops.listen_port is None
     assert len(ops.peers) == 1 and ops.peers[0].endpoint is None
-    assert {str(n) for n in ops.peers[0].allowed_ips} == {"10.1.2.0/24", extra}
+    assert ops.peers[0].allowed_ips is None, "a gained prefix is inserted, the others untouched"
+    assert {str(n) for n in ops.peers[0].add_allowed_ips} == {extra}
     st = await a.backend.get(a.wg, a.nr_ns)
     assert {str(n) for n in st.peers[b.keys[1]].allowed_ips} == {"10.1.2.0/24", extra}
     assert not await a.backend.configure(a.wg, a.nr_ns, a.keys[0], a.port, moved)
@@ -110,6 +112,21 @@ async def test_peer_update_is_minimal_and_moves_allowed_ips(world):
     await a.backend.configure(a.wg, a.nr_ns, a.keys[0], a.port, desired)
     st = await a.backend.get(a.wg, a.nr_ns)
     assert {str(n) for n in st.peers[b.keys[1]].allowed_ips} == {"10.1.2.0/24"}
+
+
+async def test_inserting_a_prefix_another_peer_holds_moves_it_in_one_step(world):
+    """What peer_ops' ordering relies on: wireguard-go keeps one owner per prefix, and an
+    inserted prefix changes owner without ever being absent."""
+    a, b, wa, wb = await world.two_nodes()
+    old = public_key(generate_private_key())
+    hidden = ip_network("10.1.9.0/24")
+    await a.backend.apply(a.wg, a.nr_ns, DeviceOps(peers=(PeerOp(old, add_allowed_ips=frozenset({hidden})),)))
+    assert (await a.backend.get(a.wg, a.nr_ns)).peers[old].allowed_ips == {hidden}
+    await a.backend.apply(a.wg, a.nr_ns, DeviceOps(peers=(PeerOp(b.keys[1], add_allowed_ips=frozenset({hidden})),)))
+    st = await a.backend.get(a.wg, a.nr_ns)
+    assert st.peers[old].allowed_ips == frozenset()
+    assert {str(n) for n in st.peers[b.keys[1]].allowed_ips} == {"10.1.2.0/24", str(hidden)}
+    assert await ping(wa.netns, wb.address.ip), "the peer's own prefix was never touched"
 
 
 async def test_uapi_errors_are_clear(world):

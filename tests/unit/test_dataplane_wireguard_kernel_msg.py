@@ -54,3 +54,12 @@ def test_a_device_split_over_messages_is_merged():
     st = parse_device([roundtrip(a), roundtrip(b)])
     assert st.listen_port == 51820 and not st.has_private_key
     assert st.peers[k1].allowed_ips == {ip_network("10.1.2.0/24"), ip_network("10.1.3.0/24")}
+
+
+def test_inserted_prefixes_go_without_the_replace_flag():
+    k1 = public_key(generate_private_key())
+    m = roundtrip(set_message("zw1", DeviceOps(peers=(
+        PeerOp(k1, add_allowed_ips=frozenset({ip_network("10.1.9.0/24")})),))))
+    (peer,) = m.get_attr("WGDEVICE_A_PEERS")
+    assert peer.get_attr("WGPEER_A_FLAGS") == 0  # no WGPEER_F_REPLACE_ALLOWEDIPS: an insert
+    assert parse_device([m]).peers[k1].allowed_ips == {ip_network("10.1.9.0/24")}

@@ -48,15 +48,17 @@ def test_add_remove_and_order():
     obs = observed(K[0], ["10.1.2.0/24"])
     ops = peer_ops(obs, [DesiredPeer.make(K[1], ["10.1.3.0/24"], "203.0.113.5:51820", 25)])
     assert ops == (
+        PeerOp(K[1], endpoint="203.0.113.5:51820", persistent_keepalive=25, add_allowed_ips=nets("10.1.3.0/24")),
         PeerOp(K[0], remove=True),
-        PeerOp(K[1], endpoint="203.0.113.5:51820", persistent_keepalive=25, allowed_ips=nets("10.1.3.0/24")),
     )
 
 
 def test_update_touches_only_what_differs():
     obs = observed(K[0], ["10.1.2.0/24"])
     (op,) = peer_ops(obs, [DesiredPeer.make(K[0], ["10.1.2.0/24", "10.1.4.0/24"], "198.51.100.2:51820")])
-    assert op == PeerOp(K[0], allowed_ips=nets("10.1.2.0/24", "10.1.4.0/24"))
+    assert op == PeerOp(K[0], add_allowed_ips=nets("10.1.4.0/24")), "a gain is an insert, not a replace"
+    (op,) = peer_ops(obs, [DesiredPeer.make(K[0], [], "198.51.100.2:51820")])
+    assert op == PeerOp(K[0], allowed_ips=nets()), "a loss nobody takes over needs a replace"
     (op,) = peer_ops(obs, [DesiredPeer.make(K[0], ["10.1.2.0/24"], "198.51.100.9:51820")])
     assert op == PeerOp(K[0], endpoint="198.51.100.9:51820")
     (op,) = peer_ops(obs, [DesiredPeer.make(K[0], ["10.1.2.0/24"], None, 25)])
@@ -69,19 +71,72 @@ def test_endpoint_none_means_learned_not_changed():
     assert peer_ops(obs, [DesiredPeer.make(K[0], ["10.1.9.0/24"])]) == ()
 
 
-def test_aggregator_move_is_one_transaction_removals_first():
-    obs = {**observed(K[0], ["10.1.2.0/24", "10.1.9.0/24"]), **observed(K[1], ["10.1.3.0/24"])}
-    desired = [
-        DesiredPeer.make(K[0], ["10.1.2.0/24"], "198.51.100.2:51820"),
-        DesiredPeer.make(K[1], ["10.1.3.0/24", "10.1.9.0/24"], "198.51.100.2:51820"),
-        DesiredPeer.make(K[2], ["10.1.5.0/24"], "198.51.100.3:51820"),
-    ]
-    obs = {K[3]: PeerState(None, nets("10.1.8.0/24")), **obs}
+def replay(observed_peers, body):
+    """Apply a `set=1` body line by line the way wireguard-go does (one owner per prefix:
+    inserting a prefix another peer holds moves it; replace_allowed_ips drops all of the
+    peer's; remove=true drops the peer) and return the owner of every prefix after each line."""
+    owner = {ip: k for k, p in observed_peers.items() for ip in p.allowed_ips}
+    peer, states = None, []
+    for line in body.splitlines():
+        key, _, value = line.partition("=")
+        if key == "public_key":
+            peer = hex_to_b64(value)
+        elif key == "remove":
+            owner = {ip: k for ip, k in owner.items() if k != peer}
+        elif key == "replace_allowed_ips":
+            owner = {ip: k for ip, k in owner.items() if k != peer}
+        elif key == "allowed_ip":
+            owner[ip_network(value)] = peer
+        states.append(dict(owner))
+    return states
+
+
+MOVES = {
+    # Aggregator K[0] -> K[1] on a public NR: hidden subnets 10.1.9/24, 10.1.10/24 move.
+    "public NR": (
+        {**observed(K[0], ["10.1.2.0/24", "10.1.9.0/24", "10.1.10.0/24"]), **observed(K[1], ["10.1.3.0/24"])},
+        [DesiredPeer.make(K[0], ["10.1.2.0/24"], "198.51.100.2:51820"),
+         DesiredPeer.make(K[1], ["10.1.3.0/24", "10.1.9.0/24", "10.1.10.0/24"], "198.51.100.2:51820")]),
+    # A hidden NR re-points its only peer: the whole range moves to a new peer.
+    "hidden NR": (
+        observed(K[0], ["10.1.0.0/16"], ka=25),
+        [DesiredPeer.make(K[1], ["10.1.0.0/16"], "198.51.100.3:51820", 25)]),
+    # The old aggregator: its hidden peers go, their subnets go to the new aggregator's peer.
+    "old aggregator": (
+        {**observed(K[1], ["10.1.3.0/24"]), K[2]: PeerState("203.0.113.9:4000", nets("10.1.9.0/24")),
+         K[3]: PeerState("203.0.113.9:4001", nets("10.1.10.0/24"))},
+        [DesiredPeer.make(K[1], ["10.1.3.0/24", "10.1.9.0/24", "10.1.10.0/24"], "198.51.100.3:51820")]),
+    # Two peers swap prefixes (no order of replaces could do this without a gap).
+    "swap": (
+        {**observed(K[0], ["10.1.2.0/24", "10.1.9.0/24"]), **observed(K[1], ["10.1.3.0/24", "10.1.10.0/24"])},
+        [DesiredPeer.make(K[0], ["10.1.2.0/24", "10.1.10.0/24"], "198.51.100.2:51820"),
+         DesiredPeer.make(K[1], ["10.1.3.0/24", "10.1.9.0/24"], "198.51.100.2:51820")]),
+}
+
+
+@pytest.mark.parametrize("case", MOVES)
+def test_a_moving_prefix_has_exactly_one_owner_after_every_line_of_the_transaction(case):
+    obs, desired = MOVES[case]
     ops = peer_ops(obs, desired)
-    assert [o.public_key for o in ops] == [K[3], *sorted([K[0], K[1]]), K[2]]
-    assert ops[0].remove
     body = format_set(DeviceOps(peers=ops))
-    assert body.count("replace_allowed_ips=true") == 3 and "remove=true" in body
+    wanted = {ip: d.public_key for d in desired for ip in d.allowed_ips}
+    states = replay(obs, body)
+    # Every prefix that is wanted before and after is owned at every moment: never a gap.
+    for ip in wanted:
+        if any(ip in p.allowed_ips for p in obs.values()):
+            assert all(ip in s for s in states), f"{ip} had no owner for a moment:\n{body}"
+    assert states[-1] == wanted, "the transaction ends exactly at the desired state"
+    assert "replace_allowed_ips" not in body, "moves are inserts: nothing is dropped and re-added"
+
+
+def test_aggregator_move_is_one_transaction():
+    obs, desired = MOVES["public NR"]
+    obs = {K[3]: PeerState(None, nets("10.1.8.0/24")), **obs}
+    ops = peer_ops(obs, [*desired, DesiredPeer.make(K[2], ["10.1.5.0/24"], "198.51.100.3:51820")])
+    # inserts (the new peer, the new aggregator's gains) first, the removal last
+    assert [(o.public_key, o.remove) for o in ops] == [*((k, False) for k in sorted([K[1], K[2]])), (K[3], True)]
+    assert ops[[o.public_key for o in ops].index(K[1])].add_allowed_ips == nets("10.1.9.0/24", "10.1.10.0/24")
+    assert DeviceOps(peers=ops), "one DeviceOps: one set request, one round trip"
 
 
 def test_device_ops_key_and_port():

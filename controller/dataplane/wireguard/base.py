@@ -161,13 +161,18 @@ class DesiredPeer:
 
 @dataclass(frozen=True)
 class PeerOp:
-    """One peer's change. remove=True deletes it; otherwise None fields are left alone."""
+    """One peer's change. remove=True deletes it; otherwise None fields are left alone.
+
+    `add_allowed_ips` inserts prefixes without touching the peer's others; `allowed_ips`
+    replaces the whole set (the only way to drop a prefix: Debian's wireguard-go has no
+    `allowed_ip=-CIDR`)."""
 
     public_key: str
     remove: bool = False
     endpoint: str | None = None
     persistent_keepalive: int | None = None
     allowed_ips: frozenset[IPNetwork] | None = None  # replace the whole set when not None
+    add_allowed_ips: frozenset[IPNetwork] | None = None  # insert these, keep the rest
 
 
 @dataclass(frozen=True)
@@ -183,28 +188,43 @@ class DeviceOps:
 
 
 def peer_ops(observed: Mapping[str, PeerState], desired: Iterable[DesiredPeer]) -> tuple[PeerOp, ...]:
-    """The minimal peer changes turning `observed` into `desired` (pure).
+    """The minimal peer changes turning `observed` into `desired` (pure), ordered so that a
+    prefix moving between peers always has exactly one owner.
 
-    Order: removals, then updates, then additions — all go in one set transaction, so a
-    subnet moving between peers (aggregator change) never has two owners or none for long.
+    WireGuard (wireguard-go and the kernel alike) keeps one owner per prefix: inserting a prefix
+    another peer holds *moves* it, in one step of its lookup table. A configuration transaction
+    is applied op by op, with packets flowing in between, so the order is:
+      1. new peers, and every prefix a peer gains, inserted without replacing anything (a
+         prefix moving from the old aggregator's peer to the new one moves right here);
+      2. a replaced set only for peers still holding a prefix nobody took over (a subnet that
+         left the network): the one case the protocol cannot do without a moment's gap, and
+         there is nobody to hand that prefix to anyway;
+      3. removed peers, which by now own nothing that is still wanted.
     An endpoint of None in `desired` means "don't care" (the peer roams / is behind NAT).
     """
     want = {p.public_key: p for p in desired}
-    removes = [PeerOp(k, remove=True) for k in sorted(observed) if k not in want]
-    updates, adds = [], []
+    gained = {k: d.allowed_ips - (observed[k].allowed_ips if k in observed else frozenset())
+              for k, d in want.items()}
+    taken_over = frozenset().union(*gained.values())
+    inserts, replaces = [], []
     for k in sorted(want):
         d = want[k]
         o = observed.get(k)
         if o is None:
-            adds.append(PeerOp(k, endpoint=d.endpoint, persistent_keepalive=d.persistent_keepalive,
-                               allowed_ips=d.allowed_ips))
+            inserts.append(PeerOp(k, endpoint=d.endpoint, persistent_keepalive=d.persistent_keepalive,
+                                  add_allowed_ips=d.allowed_ips))
             continue
         ep = d.endpoint if d.endpoint is not None and d.endpoint != o.endpoint else None
         ka = d.persistent_keepalive if d.persistent_keepalive != o.persistent_keepalive else None
-        ips = d.allowed_ips if d.allowed_ips != o.allowed_ips else None
-        if ep is not None or ka is not None or ips is not None:
-            updates.append(PeerOp(k, endpoint=ep, persistent_keepalive=ka, allowed_ips=ips))
-    return tuple(removes + updates + adds)
+        if ep is not None or ka is not None or gained[k]:
+            inserts.append(PeerOp(k, endpoint=ep, persistent_keepalive=ka,
+                                  add_allowed_ips=gained[k] or None))
+        # What the peer holds after step 1: its own set, minus what others took, plus its gains.
+        held = (o.allowed_ips - taken_over) | gained[k]
+        if held != d.allowed_ips:
+            replaces.append(PeerOp(k, allowed_ips=d.allowed_ips))
+    removes = [PeerOp(k, remove=True) for k in sorted(observed) if k not in want]
+    return tuple(inserts + replaces + removes)
 
 
 def device_ops(

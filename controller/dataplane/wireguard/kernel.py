@@ -106,6 +106,8 @@ def set_message(ifname: str, ops: DeviceOps) -> wgmsg:
             if op.allowed_ips is not None:
                 flags |= WGPEER_F_REPLACE_ALLOWEDIPS
                 attrs.append(["WGPEER_A_ALLOWEDIPS", [_allowed_ip(n) for n in sorted(op.allowed_ips, key=str)]])
+            elif op.add_allowed_ips:  # without the replace flag the kernel inserts (moves) them
+                attrs.append(["WGPEER_A_ALLOWEDIPS", [_allowed_ip(n) for n in sorted(op.add_allowed_ips, key=str)]])
         attrs.append(["WGPEER_A_FLAGS", flags])
         peers.append({"attrs": attrs})
     if peers:

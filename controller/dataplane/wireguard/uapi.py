@@ -4,7 +4,8 @@ One connection per request: `get=1` or `set=1`, then lines `key=value`, an empty
 answer ends with `errno=N` and an empty line. Keys are lowercase hex. A `set=1` is applied line
 by line (not atomically) but in one request, so a peer move is one round trip. Debian's
 wireguard-go 0.0.20220316 has no `allowed_ip=-CIDR`: a changed set is sent with
-`replace_allowed_ips=true` followed by the full list.
+`replace_allowed_ips=true` followed by the full list, and prefixes a peer gains are plain
+`allowed_ip=` lines (see base.peer_ops for why the order of a peer move matters).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def format_set(ops: DeviceOps) -> str:
         if p.allowed_ips is not None:
             lines.append("replace_allowed_ips=true")
             lines.extend(f"allowed_ip={n}" for n in sorted(p.allowed_ips, key=str))
+        if p.add_allowed_ips:
+            lines.extend(f"allowed_ip={n}" for n in sorted(p.add_allowed_ips, key=str))
     return "".join(line + "\n" for line in lines)
 
 
