@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# openssl: the tests make their etcd TLS certificates with it (controller/sim/pki.py).
 DEBIAN_PACKAGES=(etcd-server etcd-client wireguard-go wireguard-tools nftables iproute2
-                 iputils-ping python3-venv python3-pip procps)
+                 iputils-ping python3-venv python3-pip procps openssl)
 
 missing=()
 for p in "${DEBIAN_PACKAGES[@]}"; do

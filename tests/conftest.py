@@ -1,5 +1,5 @@
 """Shared pytest fixtures. Keep each fixture small, documented, and cleaning up after itself
-even when the test fails. Sections: etcd."""
+even when the test fails. Sections: etcd, etcd with TLS."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import contextlib
 
 import pytest
 
-from controller.sim.etcd import EmbeddedEtcd
+from controller.sim.etcd import EmbeddedEtcd, ServerTLS
+from controller.sim.pki import TestPKI
 from controller.store.client import EtcdStore
 
 # --- etcd -------------------------------------------------------------------------------------
@@ -94,3 +95,64 @@ async def etcd_proxy(etcd):
     finally:
         with contextlib.suppress(Exception):
             await proxy.cut()
+
+
+# --- etcd with TLS ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """A CA and a server certificate for 127.0.0.1/::1/localhost, made with openssl;
+    `pki.client(cn)` issues client certificates."""
+    return TestPKI(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def other_pki(tmp_path_factory):
+    """A second, unrelated CA: what a client with the wrong --etcd-cacert trusts."""
+    return TestPKI(tmp_path_factory.mktemp("other-pki"))
+
+
+@pytest.fixture
+def tls_etcd(pki):
+    """A private etcd that serves clients over TLS only (https://, `pki`'s server certificate);
+    authentication is off until the test switches it on."""
+    with EmbeddedEtcd(tls=ServerTLS(pki.server.cert, pki.server.key)) as server:
+        yield server
+
+
+ROOT_SECRET = "root-" + "s3cret" * 4
+
+
+class SecuredEtcd:
+    """An etcd with TLS and authentication on, and what a client needs to use it."""
+
+    def __init__(self, etcd, pki, root_password_file: str):
+        self.etcd, self.pki, self.root_password_file = etcd, pki, root_password_file
+        self.endpoint = etcd.endpoint
+        self.endpoints = etcd.endpoints
+        self.ca = pki.ca
+
+    def flags(self, user: str = "root", password_file: str | None = None) -> list[str]:
+        """zmesh connection flags for `user` (default: root)."""
+        return ["--etcd", self.endpoint, "--etcd-cacert", self.ca, "--etcd-user", user,
+                "--etcd-password-file", password_file or self.root_password_file]
+
+    def etcdctl(self, *args: str, user: str | None = "root", password: str = ROOT_SECRET, check: bool = True):
+        import subprocess
+
+        auth = [f"--user={user}:{password}"] if user else []
+        return subprocess.run(["etcdctl", f"--endpoints={self.etcd.client_url}", f"--cacert={self.ca}", *auth, *args],
+                              env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                              timeout=30, check=check)
+
+
+@pytest.fixture
+def secured_etcd(tls_etcd, pki, tmp_path):
+    """`tls_etcd` with authentication on: a root user whose password (ROOT_SECRET) is in a file."""
+    pw = tmp_path / "root.pw"
+    pw.write_text(ROOT_SECRET + "\n")
+    secured = SecuredEtcd(tls_etcd, pki, str(pw))
+    secured.etcdctl("user", "add", f"root:{ROOT_SECRET}", user=None)
+    secured.etcdctl("auth", "enable", user=None)
+    return secured

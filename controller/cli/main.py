@@ -17,6 +17,7 @@ from pathlib import Path
 from controller.models.manifest import ManifestError, parse_object, split_documents, to_json
 from controller.models.resources import Network, PortRange, Workload
 from controller.models.validation import unknown_nodes, workload_problems
+from controller.store.access import ConfigError, EtcdAccess
 from controller.reconciler.config import (
     DEFAULT_METRICS_ADDR,
     DEFAULT_PREFIX,
@@ -71,6 +72,25 @@ def _connection_options(parser: argparse.ArgumentParser, top: bool) -> None:
                         help="etcd key prefix (default: $ZMESH_PREFIX, else /zmesh/)")
     parser.add_argument("--timeout", type=_seconds, default=d(5.0), metavar="SECONDS",
                         help="etcd request timeout (default: 5)")
+    _etcd_security_options(parser, d)
+
+
+# etcdctl's names; each flag's default is its environment variable.
+ETCD_SECURITY_FLAGS = {
+    "etcd_cacert": ("--etcd-cacert", "FILE", "ZMESH_ETCD_CACERT",
+                    "CA certificate (PEM) that verifies etcd's server certificate; implies https "
+                    "(https without it: the system's trust roots)"),
+    "etcd_cert": ("--etcd-cert", "FILE", "ZMESH_ETCD_CERT", "client certificate (PEM) for etcd"),
+    "etcd_key": ("--etcd-key", "FILE", "ZMESH_ETCD_KEY", "key of the client certificate (PEM)"),
+    "etcd_user": ("--etcd-user", "NAME", "ZMESH_ETCD_USER", "etcd user name (with --etcd-password-file)"),
+    "etcd_password_file": ("--etcd-password-file", "FILE", "ZMESH_ETCD_PASSWORD_FILE",
+                           "file whose first line is the etcd user's password (never give it in argv)"),
+}
+
+
+def _etcd_security_options(parser: argparse.ArgumentParser, d) -> None:
+    for dest, (flag, metavar, env, help_) in ETCD_SECURITY_FLAGS.items():
+        parser.add_argument(flag, dest=dest, metavar=metavar, default=d(None), help=f"{help_} (default: ${env})")
 
 
 def _seconds(text: str) -> float:
@@ -90,7 +110,10 @@ def _output_option(parser: argparse.ArgumentParser, choices=("table", "json", "y
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False everywhere: `--etcd-password SECRET` must be an unknown flag, never an
+    # abbreviation of --etcd-password-file (whose error would echo the "path").
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="zmesh",
         description="Zero-Mesh: encrypted WireGuard overlay networks, desired state in etcd.",
         epilog="Run 'zmesh COMMAND --help' for the options of a command.",
@@ -100,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     def add(name, help_, **kw):
-        sp = sub.add_parser(name, help=help_, description=help_, **kw)
+        sp = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False, **kw)
         _connection_options(sp, top=False)
         return sp
 
@@ -131,19 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("status", "Overview: which nodes are alive and which networks are ready.")
     _output_option(sp)
 
-    agent = sub.add_parser("agent", help="Run the node agent (same as zmeshd).",
+    agent = sub.add_parser("agent", allow_abbrev=False, help="Run the node agent (same as zmeshd).",
                            description="Run the node agent: reconcile this node's network resources.")
     add_agent_options(agent)
 
     purge = sub.add_parser(
-        "purge", help="Remove every network resource an agent made on this node (no etcd needed).",
+        "purge", allow_abbrev=False, help="Remove every network resource an agent made on this node (no etcd needed).",
         description="Remove every NR namespace, wireguard-go process, socket and private key that "
                     "the agent with this state dir and name prefix made, as recorded in its state "
                     "dir. Stop the agent first. For decommissioning a node; nothing else is touched.")
     purge.add_argument("--state-dir", required=True, metavar="DIR", help="the agent's --state-dir")
     purge.add_argument("--name-prefix", default="", metavar="PREFIX", help="the agent's --name-prefix")
 
-    demo = sub.add_parser("demo", help="Build a simulated multi-node world and show the mesh working.",
+    demo = sub.add_parser("demo", allow_abbrev=False, help="Build a simulated multi-node world and show the mesh working.",
                           description="Run the demo on namespaces of this machine (needs root). "
                                       "Without --etcd it starts a private etcd.")
     demo.add_argument("--etcd", action="append", default=argparse.SUPPRESS, metavar="HOST:PORT",
@@ -156,6 +179,7 @@ def add_agent_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-id", required=True, help="this node's name (as in network manifests)")
     p.add_argument("--etcd", action="append", metavar="HOST:PORT[,HOST:PORT...]",
                    help="etcd endpoints, comma-separated or repeated (default: $ZMESH_ETCD, else 127.0.0.1:2379)")
+    _etcd_security_options(p, lambda v: v)
     p.add_argument("--prefix", default=None, help="etcd key prefix (default: $ZMESH_PREFIX, else /zmesh/)")
     p.add_argument("--host-netns", default=None, metavar="NAME",
                    help="namespace playing the node's host (default: the agent's own)")
@@ -182,9 +206,12 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
             raise CliError(f"{flag}: {e}") from None
 
     host, port = conv("--metrics-addr", parse_host_port, args.metrics_addr)
+    access = etcd_access(args)
     return AgentConfig(
         node_id=conv("--node-id", parse_node_id, args.node_id),
-        etcd=conv("--etcd", split_endpoints, args.etcd),
+        etcd=access.endpoints,
+        etcd_cacert=access.cacert, etcd_cert=access.cert, etcd_key=access.key,
+        etcd_user=access.user, etcd_password_file=access.password_file,
         prefix=_prefix(args.prefix),
         host_netns=args.host_netns,
         name_prefix=args.name_prefix,
@@ -211,6 +238,22 @@ def connection(args: argparse.Namespace) -> tuple[list[str], str, float]:
     except ValueError as e:
         raise CliError(f"--etcd: {e}") from None
     return endpoints, _prefix(args.prefix), args.timeout
+
+
+def etcd_access(args: argparse.Namespace) -> EtcdAccess:
+    """Endpoints, TLS files and credentials from the flags, else their environment variables."""
+    try:
+        endpoints = split_endpoints(args.etcd)
+    except ValueError as e:
+        raise CliError(f"--etcd: {e}") from None
+    values = {dest: getattr(args, dest, None) or os.environ.get(env) or None
+              for dest, (_flag, _m, env, _h) in ETCD_SECURITY_FLAGS.items()}
+    try:
+        return EtcdAccess(endpoints, cacert=values["etcd_cacert"], cert=values["etcd_cert"],
+                          key=values["etcd_key"], user=values["etcd_user"],
+                          password_file=values["etcd_password_file"])
+    except ConfigError as e:
+        raise CliError(str(e)) from None
 
 
 # --- reading manifests ----------------------------------------------------------------------
@@ -460,8 +503,8 @@ STORE_COMMANDS = {"apply": cmd_apply, "get": cmd_get, "describe": cmd_describe,
 
 
 async def _run_store_command(args) -> int:
-    endpoints, prefix, timeout = connection(args)
-    async with open_store(endpoints, prefix, timeout) as store:
+    _endpoints, prefix, timeout = connection(args)
+    async with open_store(etcd_access(args), prefix, timeout) as store:
         try:
             return await STORE_COMMANDS[args.command](args, store)
         finally:
@@ -529,7 +572,7 @@ def _guard(fn, args, endpoints_hint: str, prog: str = "zmesh") -> int:
         for line in e.lines:
             print(f"{prog}: {line}", file=sys.stderr)
         return EXIT_ERROR
-    except CliError as e:
+    except (CliError, ConfigError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:
@@ -560,14 +603,23 @@ def _endpoints_hint(args) -> str:
         return "?"
 
 
+def _quiet_grpc() -> None:
+    # gRPC's C core writes its own log lines to stderr (a TLS handshake failure is a dozen);
+    # the CLI and the agent report the outcome themselves, in one line / their own log.
+    if not os.environ.get("ZMESH_DEBUG"):
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_grpc()
     args = build_parser().parse_args(argv)
     return _guard(_dispatch, args, _endpoints_hint(args))
 
 
 def agent_main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="zmeshd", description="Zero-Mesh node agent.")
+    p = argparse.ArgumentParser(prog="zmeshd", allow_abbrev=False, description="Zero-Mesh node agent.")
     add_agent_options(p)
+    _quiet_grpc()
     args = p.parse_args(argv)
     return _guard(_run_agent, args, _endpoints_hint(args), prog="zmeshd")
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 from controller.models.manifest import ManifestError, parse_json_value
 from controller.models.resources import Network, Workload, WorkloadStatus
+from controller.store.access import EtcdAccess
 from controller.store.layout import Layout
 
 from .output import NetworkView, NodeView, WorkloadView
@@ -131,11 +132,9 @@ class StoreView:
 
 
 @contextlib.asynccontextmanager
-async def open_store(endpoints: list[str], prefix: str, timeout: float) -> AsyncIterator[StoreView]:
-    from controller.store.client import EtcdStore  # lazy: gRPC only for commands that need it
-
+async def open_store(access: EtcdAccess, prefix: str, timeout: float) -> AsyncIterator[StoreView]:
     # The store logs each endpoint failover; the CLI reports the outcome in one line instead.
     logging.getLogger("controller.store").setLevel(logging.ERROR)
     # One round over the endpoints plus a short retry: a person is waiting for the answer.
-    async with EtcdStore(endpoints, prefix=prefix, timeout=timeout, retry_for=min(timeout, 1.0)) as store:
+    async with access.open_store(prefix, timeout, retry_for=min(timeout, 1.0)) as store:
         yield StoreView(store, prefix)

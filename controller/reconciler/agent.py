@@ -21,7 +21,6 @@ from controller.http.server import HttpServer, Readiness
 from controller.models.resources import Metadata, Node, NodeSpec
 from controller.planner import names
 from controller.planner.plan import NodeContext
-from controller.store.client import EtcdStore
 from controller.store.indexer import Indexer
 
 from .config import AgentConfig
@@ -50,7 +49,7 @@ class Agent:
         self.readiness = Readiness(["etcd", "reconciled"])
         self.queue: WorkQueue[str] = WorkQueue(name=f"agent-{config.node_id}")
         self.metrics.observe_queue(lambda: len(self.queue))
-        self.store = EtcdStore(config.etcd, config.prefix, timeout=config.etcd_timeout)
+        self.store = config.etcd_access.open_store(config.prefix, timeout=config.etcd_timeout)
         self.scope = NodeScope(self.store, config.node_id, self.queue.add)
         self.state = LocalState(config.state_dir)
         self.links = Links()

@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from controller.models.resources import NodeId, PortRange, parse_public_address
+from controller.store.access import EtcdAccess
 from pydantic import TypeAdapter
 
 DEFAULT_ETCD = "127.0.0.1:2379"
@@ -42,6 +43,17 @@ class AgentConfig:
     metrics_port: int = 9477
     log_level: str = "info"
     etcd_timeout: float = 5.0
+    # etcdctl-style TLS files and credentials (the password stays in its file until used).
+    etcd_cacert: str | None = None
+    etcd_cert: str | None = None
+    etcd_key: str | None = None
+    etcd_user: str | None = None
+    etcd_password_file: str | None = None
+
+    @property
+    def etcd_access(self) -> EtcdAccess:
+        return EtcdAccess(self.etcd, cacert=self.etcd_cacert, cert=self.etcd_cert, key=self.etcd_key,
+                          user=self.etcd_user, password_file=self.etcd_password_file)
 
     @property
     def hidden(self) -> bool:

@@ -1,6 +1,11 @@
 """A private etcd for the tests and `zmesh demo`: the installed `etcd` binary on free loopback
 ports with a temporary data dir.
 
+With `tls=ServerTLS(cert, key, ca)` it serves clients over TLS only (https://), optionally
+requiring client certificates; its /health is then served on a separate plaintext loopback
+port (etcd's --listen-metrics-urls). Authentication is switched on by the test itself, through
+`zmesh auth init` or etcdctl, exactly as an operator would.
+
 It is stopped by the PID it started (never by name: other etcds on the machine are not ours) and
 can be restarted on the same ports and data dir, so that tests can take the store away and give
 it back. Sync methods for fixtures and the demo; `a*` variants run them in a thread so that an
@@ -25,6 +30,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 
 ETCD_BINARY = "/usr/bin/etcd"
 SETPRIV = "/usr/bin/setpriv"  # util-linux, on every Debian
@@ -32,6 +38,16 @@ SETPRIV = "/usr/bin/setpriv"  # util-linux, on every Debian
 
 class EtcdStartError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """etcd's --cert-file/--key-file; with `client_ca`, clients must present a certificate
+    signed by it (--client-cert-auth --trusted-ca-file)."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -51,6 +67,7 @@ class EmbeddedEtcd:
         binary: str = ETCD_BINARY,
         extra_args: tuple[str, ...] = (),
         startup_timeout: float = 20.0,
+        tls: ServerTLS | None = None,
     ):
         if not os.path.exists(binary):
             raise EtcdStartError(
@@ -60,6 +77,7 @@ class EmbeddedEtcd:
         self.name = name
         self.host = host
         self.extra_args = tuple(extra_args)
+        self.tls = tls
         self.startup_timeout = startup_timeout
         # We own (and remove) the directory only if we made it.
         self._owns_dir = data_dir is None
@@ -75,11 +93,17 @@ class EmbeddedEtcd:
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.client_port}"
+
+    @property
+    def health_url(self) -> str:
+        base = f"http://{self.host}:{self.metrics_port}" if self.tls else self.client_url
+        return f"{base}/health"
 
     @property
     def endpoint(self) -> str:
-        return f"{self.host}:{self.client_port}"
+        """What clients are given: host:port, or the https:// URL with TLS."""
+        return self.client_url if self.tls else f"{self.host}:{self.client_port}"
 
     @property
     def endpoints(self) -> list[str]:
@@ -95,10 +119,10 @@ class EmbeddedEtcd:
     # --- lifecycle --------------------------------------------------------------------------
 
     def _pick_ports(self) -> None:
-        self.client_port = free_port(self.host)
-        self.peer_port = free_port(self.host)
-        while self.peer_port == self.client_port:
-            self.peer_port = free_port(self.host)
+        ports: set[int] = set()
+        while len(ports) < 3:
+            ports.add(free_port(self.host))
+        self.client_port, self.peer_port, self.metrics_port = sorted(ports)
 
     def start(self) -> "EmbeddedEtcd":
         if self.running():
@@ -131,6 +155,7 @@ class EmbeddedEtcd:
             "--logger", "zap",
             "--log-outputs", "stderr",
             "--log-level", "warn",
+            *self._tls_args(),
             *self.extra_args,
         ]
         if os.path.exists(SETPRIV) and threading.current_thread() is threading.main_thread():
@@ -154,6 +179,15 @@ class EmbeddedEtcd:
             self.stop()
             raise
 
+    def _tls_args(self) -> list[str]:
+        if self.tls is None:
+            return []
+        args = ["--cert-file", self.tls.cert, "--key-file", self.tls.key,
+                "--listen-metrics-urls", f"http://{self.host}:{self.metrics_port}"]
+        if self.tls.client_ca:
+            args += ["--client-cert-auth", "--trusted-ca-file", self.tls.client_ca]
+        return args
+
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
         last = "no answer"
@@ -164,7 +198,7 @@ class EmbeddedEtcd:
                     f"{self.client_url}; last log lines:\n{self.log_tail()}"
                 )
             try:
-                with urllib.request.urlopen(f"{self.client_url}/health", timeout=1) as r:
+                with urllib.request.urlopen(self.health_url, timeout=1) as r:
                     if json.loads(r.read()).get("health") == "true":
                         return
                     last = "unhealthy"

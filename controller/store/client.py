@@ -1,14 +1,10 @@
 """The etcd store: raw KV with endpoint failover, and typed operations on Zero-Mesh objects.
 
-aetcd gives us a gRPC channel, authentication and the stubs; the requests are built here because
-aetcd's helpers lack range limits and revisions (needed to paginate at one revision) and wrap
-errors inconsistently. Every call goes through `_call`, which fails over to the next endpoint on
-a connection error, with tenacity's backoff between rounds.
-
-TLS seam: aetcd only makes insecure channels. `client_factory(endpoint, username, password,
-timeout)` builds the client for one endpoint; a TLS deployment passes a factory whose client
-opens `grpc.aio.secure_channel` (see docs/etcd-layout.md). Username/password are passed through
-to aetcd, which authenticates and sends the token with each call.
+The connection (plaintext or TLS, authentication) is `connection.Connection`, built by the
+`client_factory(endpoint, settings)` seam; aetcd gives us etcd's generated stubs. The requests
+are built here because aetcd's helpers lack range limits and revisions (needed to paginate at
+one revision) and wrap errors inconsistently. Every call goes through `_call`, which fails over
+to the next endpoint on a connection error, with tenacity's backoff between rounds.
 """
 
 from __future__ import annotations
@@ -22,8 +18,6 @@ from datetime import datetime, timezone
 from typing import AsyncIterator, Awaitable, Callable, Literal, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
-import aetcd
-import aetcd.exceptions
 import aetcd.utils
 import grpc
 import yaml
@@ -40,23 +34,13 @@ from tenacity import (
 
 from ..models.manifest import ManifestError, parse_json_value, to_json
 from ..models.resources import Network, NetworkResourceFacts, Node, ResourceStatus, Workload, WorkloadStatus
+from .connection import ConfigError, Connection, Endpoint, Settings, TLSFiles, connect_to, connection_problem, parse_endpoint
 from .layout import Layout
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Above gRPC's 4 MiB default so that one large value (or page) does not fail; listing still
-# paginates, this is only head-room.
-MAX_MESSAGE_BYTES = 32 * 1024 * 1024
-GRPC_OPTIONS = {
-    "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
-    "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
-    # Notice a dead peer on an idle watch stream. etcd refuses pings more often than every 5s.
-    "grpc.keepalive_time_ms": 10_000,
-    "grpc.keepalive_timeout_ms": 5_000,
-    "grpc.keepalive_permit_without_calls": 0,
-}
 DEFAULT_PAGE_SIZE = 1000
 TXN_GETS = 100  # reads batched in one transaction: below etcd's default --max-txn-ops of 128
 _CONNECTION_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -87,6 +71,14 @@ class Conflict(StoreError):
 
 class StaleView(StoreError):
     """Specs changed since the caller read (and validated against) them: read and check again."""
+
+
+class AuthError(StoreError):
+    """etcd refused who we are: no credentials where auth is on, a wrong user or password."""
+
+
+class PermissionDenied(StoreError):
+    """etcd's authorization refused this request (the user's roles do not allow it)."""
 
 
 # --- values -----------------------------------------------------------------------------------
@@ -121,45 +113,7 @@ class Event:
     mod_revision: int  # for deletions: the revision of the deletion
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    host: str
-    port: int
-    scheme: str = "http"
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
-
-
-def parse_endpoint(text: str) -> Endpoint:
-    """`host:port`, `http://host:port`, `[v6]:port` or `host` (port 2379)."""
-    raw = text.strip()
-    if not raw:
-        raise ValueError("empty etcd endpoint")
-    parts = urlsplit(raw if "://" in raw else f"http://{raw}")
-    if parts.scheme not in ("http", "https"):
-        raise ValueError(f"etcd endpoint {text!r}: scheme must be http or https")
-    if not parts.hostname:
-        raise ValueError(f"etcd endpoint {text!r} has no host")
-    try:
-        port = parts.port or 2379
-    except ValueError:
-        raise ValueError(f"etcd endpoint {text!r} has a bad port") from None
-    return Endpoint(parts.hostname, port, parts.scheme)
-
-
-ClientFactory = Callable[[Endpoint, "str | None", "str | None", float], aetcd.Client]
-
-
-def insecure_client(endpoint: Endpoint, username: str | None, password: str | None, timeout: float) -> aetcd.Client:
-    """The default connection factory: plain gRPC (aetcd has no TLS)."""
-    if endpoint.scheme == "https":
-        raise StoreError(
-            f"{endpoint}: TLS is not supported by the default etcd client yet; "
-            "use an http:// endpoint or pass a TLS client_factory"
-        )
-    return aetcd.Client(endpoint.host, endpoint.port, username, password, timeout, options=dict(GRPC_OPTIONS))
+ClientFactory = Callable[[Endpoint, Settings], Connection]
 
 
 # --- transactions -----------------------------------------------------------------------------
@@ -278,27 +232,39 @@ class EtcdStore:
         password: str | None = None,
         timeout: float = 5.0,
         *,
-        client_factory: ClientFactory = insecure_client,
+        tls: TLSFiles | None = None,
+        client_factory: ClientFactory = connect_to,
         retry_for: float | None = None,
     ):
+        """`tls`: CA and client certificate files; with them an endpoint without a scheme is
+        https, and an explicit http:// one is refused (no silent plaintext). Without them an
+        https:// endpoint is verified against the system's trust roots. A ConfigError (a
+        ValueError) says what cannot work, before anything is sent."""
         if isinstance(endpoints, str):
             endpoints = [e for e in endpoints.split(",") if e.strip()]
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
-        self.endpoints = [parse_endpoint(e) for e in endpoints]
+        self.endpoints = [parse_endpoint(e, "https" if tls else "http") for e in endpoints]
+        if tls and any(e.scheme == "http" for e in self.endpoints):
+            raise ConfigError("TLS files are given but an etcd endpoint is http://: use https:// "
+                              "(or no scheme) for every endpoint")
         if (username is None) != (password is None):
             raise ValueError("etcd username and password go together")
+        needs_tls = any(e.scheme == "https" for e in self.endpoints)
+        self.settings = Settings(
+            timeout=timeout, username=username, password=password,
+            tls=(tls or TLSFiles()).credentials() if needs_tls else None,
+            client_cert=bool(tls and tls.cert))
         self.layout = Layout(prefix)
         self.timeout = timeout
         # How long one call keeps failing over before StoreUnavailable (each endpoint is tried
         # at least once).
         self.retry_for = timeout if retry_for is None else retry_for
         self._username = username
-        self._password = password
         self._factory = client_factory
         self._current = 0
         self._unreachable = False  # since the last failover, no call has succeeded
-        self._client: aetcd.Client | None = None
+        self._client: Connection | None = None
         self._client_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
@@ -327,23 +293,24 @@ class EtcdStore:
         """The endpoint in use (or to be tried next)."""
         return self.endpoints[self._current]
 
-    async def _connected(self) -> aetcd.Client:
+    async def _connected(self) -> Connection:
         async with self._client_lock:
             if self._client is None:
-                client = self._factory(self.endpoint, self._username, self._password, self.timeout)
-                await client.connect()
+                client = self._factory(self.endpoint, self.settings)
+                try:
+                    await client.connect()
+                except BaseException:
+                    await _close_quietly(client)
+                    raise
                 self._client = client
             return self._client
 
     async def _drop_client(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            try:
-                await client.close()
-            except Exception:  # closing a broken channel may fail; it is gone either way
-                pass
+            await _close_quietly(client)
 
-    async def _fail_over(self, client: aetcd.Client, why: str) -> None:
+    async def _fail_over(self, client: Connection | None, why: str) -> None:
         async with self._client_lock:
             if self._client is client:  # another task may have failed over already
                 # Warn once per outage; while etcd stays away every retry would say it again.
@@ -353,7 +320,7 @@ class EtcdStore:
                 await self._drop_client()
                 self._current = (self._current + 1) % len(self.endpoints)
 
-    async def _call(self, fn: Callable[[aetcd.Client], Awaitable[T]], what: str) -> T:
+    async def _call(self, fn: Callable[[Connection], Awaitable[T]], what: str) -> T:
         """Run `fn(client)`, failing over between endpoints on connection errors."""
         last = ""
         retrying = AsyncRetrying(
@@ -383,8 +350,9 @@ class EtcdStore:
                                     await self._drop_client()
                             raise _Retry() from None
                         if e.code() not in _CONNECTION_CODES:
-                            raise _rpc_error(e, what) from None
-                        last = f"{e.code().name}: {e.details()}"
+                            raise _rpc_error(e, what, self._username) from None
+                        last = (connection_problem(e.details(), self.endpoint, self.settings)
+                                or f"{e.code().name}: {e.details()}")
                         await self._fail_over(client, last)
                         raise _Retry() from None
                     except asyncio.CancelledError:
@@ -392,13 +360,10 @@ class EtcdStore:
                             raise
                         last = "channel closed by a failover in another task"
                         raise _Retry() from None
-                    except (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError,
-                            asyncio.TimeoutError) as e:
+                    except (_StreamClosed, asyncio.TimeoutError) as e:
                         last = str(e) or type(e).__name__
                         await self._fail_over(client, last)
                         raise _Retry() from None
-                    except aetcd.exceptions.ClientError as e:
-                        raise StoreError(f"etcd {what}: {e}") from None
         except _Retry:
             pass
         raise StoreUnavailable(
@@ -407,7 +372,7 @@ class EtcdStore:
 
     # --- raw KV -------------------------------------------------------------------------------
 
-    def _md(self, client: aetcd.Client):
+    def _md(self, client: Connection):
         return client.metadata
 
     async def get(self, key: str) -> Entry | None:
@@ -533,7 +498,7 @@ class EtcdStore:
                 call.cancel()
                 raise
             if resp is grpc.aio.EOF:
-                raise aetcd.exceptions.ConnectionFailedError("watch stream closed before it started")
+                raise _StreamClosed("watch stream closed before it started")
             return call, resp
 
         call, first = await self._call(open_stream, f"watch {key}")
@@ -886,6 +851,17 @@ class _Retry(Exception):
     pass
 
 
+class _StreamClosed(Exception):
+    """The server closed a stream before answering: a connection problem, fail over."""
+
+
+async def _close_quietly(client: Connection) -> None:
+    try:
+        await client.close()
+    except Exception:  # closing a broken channel may fail; it is gone either way
+        pass
+
+
 def _channel_closed_under_us() -> bool:
     """grpc.aio raises CancelledError in every call on a channel that is closed; when our own
     task is not being cancelled, that was another task failing over (closing the shared
@@ -907,10 +883,18 @@ class _RoundWait:
         return self.backoff(state)
 
 
-def _rpc_error(e: grpc.aio.AioRpcError, what: str) -> StoreError:
+def _rpc_error(e: grpc.aio.AioRpcError, what: str, username: str | None = None) -> StoreError:
     details = e.details() or e.code().name
     if e.code() == grpc.StatusCode.OUT_OF_RANGE and "compacted" in details:
         return Compacted(0)
+    if e.code() == grpc.StatusCode.PERMISSION_DENIED:
+        who = f"user {username!r}" if username else "this client"
+        return PermissionDenied(f"etcd {what}: permission denied for {who}")
+    if "user name is empty" in details:
+        return AuthError(f"etcd {what}: etcd requires authentication: give a user and password "
+                         "(--etcd-user, --etcd-password-file) or a client certificate")
+    if "authentication failed" in details:
+        return AuthError(f"etcd: authentication failed for user {username!r}: invalid user name or password")
     return StoreError(f"etcd {what}: {details}")
 
 

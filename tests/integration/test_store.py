@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 
-import aetcd
 import pytest
 import yaml
 from store_objects import network, wide_network, workload
@@ -15,6 +15,7 @@ from controller.models.manifest import ManifestError, to_json
 from controller.models.resources import NetworkResourceFacts, Node, ResourceStatus, WorkloadStatus
 from controller.sim.etcd import free_port
 from controller.store.client import (
+    Connection,
     EtcdStore,
     Get,
     Put,
@@ -88,8 +89,8 @@ async def test_large_listing_beyond_grpc_default_message_size(etcd, store):
     for start in range(0, 5000, 100):
         await store.txn([], [Put(f"/big/{i:05}", value) for i in range(start, start + 100)])
 
-    def default_limits(endpoint, username, password, timeout):
-        return aetcd.Client(endpoint.host, endpoint.port, username, password, timeout)
+    def default_limits(endpoint, settings):
+        return Connection(endpoint, dataclasses.replace(settings, options={}))
 
     async with EtcdStore(etcd.endpoints, client_factory=default_limits) as plain:
         entries, _ = await plain.list_prefix("/big/")

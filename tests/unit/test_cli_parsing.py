@@ -33,8 +33,9 @@ from test_models import network_doc, workload_doc
 
 @pytest.fixture(autouse=True)
 def _no_env(monkeypatch):
-    monkeypatch.delenv("ZMESH_ETCD", raising=False)
-    monkeypatch.delenv("ZMESH_PREFIX", raising=False)
+    for var in ("ZMESH_ETCD", "ZMESH_PREFIX", "ZMESH_ETCD_CACERT", "ZMESH_ETCD_CERT", "ZMESH_ETCD_KEY",
+                "ZMESH_ETCD_USER", "ZMESH_ETCD_PASSWORD_FILE"):
+        monkeypatch.delenv(var, raising=False)
 
 
 def parse(*argv):
@@ -161,6 +162,29 @@ def test_agent_reads_the_environment(monkeypatch):
     monkeypatch.setenv("ZMESH_PREFIX", "/env/")
     cfg = agent_config(agent_args("--node-id", "n2"))
     assert (cfg.etcd, cfg.prefix) == (["e:1"], "/env/")
+
+
+def test_agent_takes_etcd_tls_and_credentials_from_flags_or_environment(monkeypatch):
+    cfg = agent_config(agent_args("--node-id", "n1", "--etcd", "https://e:1", "--etcd-cacert", "/p/ca.crt",
+                                  "--etcd-cert", "/p/n1.crt", "--etcd-key", "/p/n1.key",
+                                  "--etcd-user", "zmesh-node-n1", "--etcd-password-file", "/p/pw"))
+    assert (cfg.etcd_cacert, cfg.etcd_cert, cfg.etcd_key) == ("/p/ca.crt", "/p/n1.crt", "/p/n1.key")
+    assert (cfg.etcd_user, cfg.etcd_password_file) == ("zmesh-node-n1", "/p/pw")
+    assert cfg.etcd_access.authenticated
+    monkeypatch.setenv("ZMESH_ETCD_CACERT", "/env/ca.crt")
+    monkeypatch.setenv("ZMESH_ETCD_USER", "u")
+    monkeypatch.setenv("ZMESH_ETCD_PASSWORD_FILE", "/env/pw")
+    cfg = agent_config(agent_args("--node-id", "n1"))
+    assert (cfg.etcd_cacert, cfg.etcd_user, cfg.etcd_password_file) == ("/env/ca.crt", "u", "/env/pw")
+    assert not agent_config(agent_args("--node-id", "n1", "--etcd-user", "x", "--etcd-password-file", "y")
+                            ).etcd_access.cert
+
+
+def test_etcd_credentials_go_together_and_no_flag_is_abbreviated():
+    with pytest.raises(CliError, match="go together"):
+        agent_config(agent_args("--node-id", "n1", "--etcd-user", "u"))
+    with pytest.raises(SystemExit):
+        parse("get", "nodes", "--etcd-password", "secret")  # not --etcd-password-file
 
 
 def test_ipv6_metrics_address():

@@ -149,41 +149,50 @@ def test_etcd_config_uses_only_known_options():
     assert not unknown, f"etcd does not know {unknown}"
     for key in conf.get("peer-transport-security", {}):
         assert f"peer-{key}" in flags, key
+    for key in conf.get("client-transport-security", {}):
+        assert key in flags, key
+    assert all(u.startswith("https://") for u in conf["listen-client-urls"].split(","))
     assert conf["max-txn-ops"] > 128 and conf["auto-compaction-mode"] in ("periodic", "revision")
 
 
 @pytest.mark.etcd
 @needs_etcd
 def test_etcd_config_forms_a_three_member_cluster(tmp_path):
-    """The example's values, moved to loopback ports and without peer TLS (no certificates here),
-    start three real members that elect a leader and accept a transaction of max-txn-ops size."""
+    """The example's values, moved to loopback ports and with certificates made here (the
+    file's TLS sections kept, only their paths changed), start three real members that talk TLS
+    to each other and to clients, elect a leader and accept a transaction of max-txn-ops size."""
+    from controller.sim.pki import TestPKI
+
+    pki = TestPKI(tmp_path / "pki")
+    files = {"cert-file": pki.server.cert, "key-file": pki.server.key, "trusted-ca-file": pki.ca}
     base = yaml.safe_load(ETCD_CONF.read_text())
-    members = [(f"etcd-{i}", free_port(), free_port()) for i in (1, 2, 3)]
-    cluster = ",".join(f"{n}=http://127.0.0.1:{peer}" for n, _, peer in members)
+    members = [(f"etcd-{i}", free_port(), free_port(), free_port()) for i in (1, 2, 3)]
+    cluster = ",".join(f"{n}=https://127.0.0.1:{peer}" for n, _, peer, _ in members)
     procs = []
     try:
-        for name, client, peer in members:
+        for name, client, peer, metrics in members:
             conf = dict(base, **{
                 "name": name, "data-dir": str(tmp_path / name),
-                "listen-client-urls": f"http://127.0.0.1:{client}",
-                "advertise-client-urls": f"http://127.0.0.1:{client}",
-                "listen-peer-urls": f"http://127.0.0.1:{peer}",
-                "initial-advertise-peer-urls": f"http://127.0.0.1:{peer}",
+                "listen-client-urls": f"https://127.0.0.1:{client}",
+                "advertise-client-urls": f"https://127.0.0.1:{client}",
+                "listen-peer-urls": f"https://127.0.0.1:{peer}",
+                "initial-advertise-peer-urls": f"https://127.0.0.1:{peer}",
+                "listen-metrics-urls": f"http://127.0.0.1:{metrics}",
                 "initial-cluster": cluster, "log-level": "warn",
             })
-            conf.pop("peer-transport-security")
-            conf.pop("listen-metrics-urls")
+            for section in ("peer-transport-security", "client-transport-security"):
+                conf[section] = {**conf[section], **{k: v for k, v in files.items() if k in conf[section]}}
             path = tmp_path / f"{name}.yml"
             path.write_text(yaml.safe_dump(conf))
             log = open(tmp_path / f"{name}.log", "wb")
             procs.append(subprocess.Popen(["/usr/bin/etcd", "--config-file", str(path)],
                                           stdout=log, stderr=log, stdin=subprocess.DEVNULL))
             log.close()
-        endpoints = ",".join(f"127.0.0.1:{c}" for _, c, _ in members)
+        endpoints = ",".join(f"https://127.0.0.1:{c}" for _, c, _, _ in members)
         deadline = time.monotonic() + 30
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{members[0][1]}/health", timeout=1) as r:
+                with urllib.request.urlopen(f"http://127.0.0.1:{members[0][3]}/health", timeout=1) as r:
                     if json.loads(r.read()).get("health") == "true":
                         break
             except OSError:
@@ -191,12 +200,14 @@ def test_etcd_config_forms_a_three_member_cluster(tmp_path):
             assert time.monotonic() < deadline, (tmp_path / "etcd-1.log").read_text()[-2000:]
             time.sleep(0.1)
         env = {**os.environ, "ETCDCTL_API": "3"}
-        status = subprocess.run(["etcdctl", "--endpoints", endpoints, "member", "list"],
-                                capture_output=True, text=True, env=env, check=True).stdout
+        etcdctl = ["etcdctl", "--endpoints", endpoints, "--cacert", pki.ca]
+        res = subprocess.run([*etcdctl, "member", "list"], capture_output=True, text=True, env=env)
+        assert res.returncode == 0, res.stderr
+        status = res.stdout
         assert status.count("started") == 3, status
         # 200 puts in one transaction: over etcd's default limit of 128, within the example's.
         txn = "\n" + "\n".join(f"put /t/{i} x" for i in range(200)) + "\n\n\n"
-        res = subprocess.run(["etcdctl", "--endpoints", endpoints, "txn"], input=txn,
+        res = subprocess.run([*etcdctl, "txn"], input=txn,
                              capture_output=True, text=True, env=env)
         assert res.returncode == 0 and "SUCCESS" in res.stdout, res.stderr
     finally:
