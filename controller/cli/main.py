@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import inspect
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 from controller.models.manifest import ManifestError, parse_object, split_documents, to_json
 from controller.models.resources import Network, PortRange, Workload
 from controller.models.validation import unknown_nodes, workload_problems
-from controller.store.access import ConfigError, EtcdAccess
+from controller.store.access import ConfigError, EtcdAccess, read_password_file
 from controller.reconciler.config import (
     DEFAULT_METRICS_ADDR,
     DEFAULT_PREFIX,
@@ -166,6 +168,37 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--state-dir", required=True, metavar="DIR", help="the agent's --state-dir")
     purge.add_argument("--name-prefix", default="", metavar="PREFIX", help="the agent's --name-prefix")
 
+    auth = sub.add_parser(
+        "auth", allow_abbrev=False, help="Set up etcd users and roles: admins, one user per node.",
+        description="Set up etcd authentication for Zero-Mesh (docs/operations.md, 'etcd: TLS and "
+                    "roles'). Passwords are read from files, never from the command line.")
+    auth_sub = auth.add_subparsers(dest="auth_command", metavar="COMMAND")
+    auth_sub.required = True
+
+    def add_auth(name, help_):
+        ap_ = auth_sub.add_parser(name, help=help_, description=help_, allow_abbrev=False)
+        _connection_options(ap_, top=False)
+        return ap_
+
+    ai = add_auth("init", "Create the root user and the zmesh-admin role (read and write all of "
+                          "Zero-Mesh's keys) and enable etcd authentication. Run it again to set "
+                          "root's password; with auth already on it logs in as root.")
+    ai.add_argument("--root-password-file", required=True, metavar="FILE", help="root's new password (first line)")
+    an = add_auth("add-node", "Create (or update) user zmesh-node-NODE: reads everything of Zero-Mesh, "
+                              "writes only its own node's keys. Needs root (--etcd-user root).")
+    an.add_argument("node", metavar="NODE", help="the node's id, as its agent's --node-id")
+    an.add_argument("--password-file", required=True, metavar="FILE", help="the user's password (first line)")
+    au = add_auth("add-user", "Create (or update) a user with a role (default zmesh-admin). Needs root.")
+    au.add_argument("name", metavar="NAME")
+    au.add_argument("--password-file", required=True, metavar="FILE", help="the user's password (first line)")
+    au.add_argument("--role", default="zmesh-admin", metavar="ROLE", help="role to grant (default: zmesh-admin)")
+
+    ix = add("indexer", "Run the indexer: keeps the per-node index right for specs written with "
+                        "etcdctl. Run it with admin credentials when etcd auth is on (agents then "
+                        "may not write the index).")
+    ix.add_argument("--identity", default=None, help="name in the leader key (default: the host name)")
+    ix.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
+
     demo = sub.add_parser("demo", allow_abbrev=False, help="Build a simulated multi-node world and show the mesh working.",
                           description="Run the demo on namespaces of this machine (needs root). "
                                       "Without --etcd it starts a private etcd.")
@@ -195,6 +228,9 @@ def add_agent_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-addr", default=DEFAULT_METRICS_ADDR, metavar="HOST:PORT",
                    help=f"serve /metrics, /healthz, /readyz here (default: {DEFAULT_METRICS_ADDR})")
     p.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
+    p.add_argument("--indexer", default="auto", choices=("auto", "on", "off"),
+                   help="run the index repairer inside the agent: auto (default) = only when the agent "
+                        "has no etcd user (with auth on, run `zmesh indexer` with admin credentials)")
 
 
 def agent_config(args: argparse.Namespace) -> AgentConfig:
@@ -222,6 +258,7 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
         metrics_host=host,
         metrics_port=port,
         log_level=args.log_level,
+        indexer=args.indexer,
     )
 
 
@@ -554,9 +591,66 @@ def _run_purge(args) -> int:
     return EXIT_OK
 
 
+async def _run_auth(args) -> int:
+    from controller.store import auth
+    from controller.store.client import AuthError, PermissionDenied
+
+    _endpoints, prefix, timeout = connection(args)
+    access = etcd_access(args)
+    logging_quiet()
+    if args.auth_command == "init":
+        root_password = read_password_file(args.root_password_file, "--root-password-file")
+        try:
+            async with access.open_store(prefix, timeout, retry_for=min(timeout, 1.0)) as store:
+                lines = await auth.init(store, root_password)
+        except (AuthError, PermissionDenied):
+            if access.user is not None:
+                raise
+            # Auth is on already: do it again as root, with the password given.
+            root = dataclasses.replace(access, user=auth.ROOT, password_file=args.root_password_file)
+            async with root.open_store(prefix, timeout, retry_for=min(timeout, 1.0)) as store:
+                lines = await auth.init(store, root_password)
+    else:
+        password = read_password_file(args.password_file, "--password-file")
+        async with access.open_store(prefix, timeout, retry_for=min(timeout, 1.0)) as store:
+            if args.auth_command == "add-node":
+                lines = await auth.add_node(store, conv_node_id(args.node), password)
+            else:
+                lines = await auth.add_user(store, args.name, password, args.role)
+    for line in lines:
+        print(line)
+    return EXIT_OK
+
+
+def conv_node_id(text: str) -> str:
+    try:
+        return parse_node_id(text)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+def logging_quiet() -> None:
+    import logging
+
+    # The store logs each endpoint failover; the CLI reports the outcome in one line instead.
+    logging.getLogger("controller.store").setLevel(logging.ERROR)
+
+
+def _run_indexer(args) -> int:
+    from controller.store.indexer import run_indexer  # lazy: gRPC only for commands that need it
+
+    _endpoints, prefix, timeout = connection(args)
+    return _call(run_indexer, etcd_access(args), prefix, args.identity or socket.gethostname(),
+                 args.log_level, timeout)
+
+
 def _dispatch(args) -> int:
     if args.command == "agent":
         return _run_agent(args)
+    if args.command == "auth":
+        return asyncio.run(_run_auth(args))
+    if args.command == "indexer":
+        return _run_indexer(args)
     if args.command == "purge":
         return _run_purge(args)
     if args.command == "demo":

@@ -56,9 +56,10 @@ class Agent:
         self.wireguard = select_backend(str(config.state_dir), config.host_netns, self.links)
         self.http = HttpServer(self.metrics.registry, self.readiness, config.metrics_host, config.metrics_port)
         self.reconciler: Reconciler | None = None
-        # Every agent campaigns; the one leader keeps the node index right for specs written
-        # by hand with etcdctl (the CLI writes index and spec in one transaction itself).
-        self.indexer = Indexer(self.store, identity=config.node_id)
+        # Without etcd auth every agent campaigns; the one leader keeps the node index right for
+        # specs written by hand with etcdctl (the CLI writes index and spec in one transaction
+        # itself). With auth a node may not write the index: `zmesh indexer` does it as admin.
+        self.indexer = Indexer(self.store, identity=config.node_id) if config.runs_indexer else None
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
@@ -98,7 +99,8 @@ class Agent:
         self.registration = None
         try:
             await self.scope.start()
-            await self.indexer.start()
+            if self.indexer is not None:
+                await self.indexer.start()
             self._spawn(self.queue.run(self._work), "workqueue")
             self._spawn(self._resync_loop(), "resync")
             self._spawn(self._readiness_loop(), "readiness")
@@ -110,7 +112,8 @@ class Agent:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            await self.indexer.stop()
+            if self.indexer is not None:
+                await self.indexer.stop()
             if self.registration is not None:
                 await self.registration.stop(revoke=False)
             await self.scope.stop()

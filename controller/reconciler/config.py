@@ -49,11 +49,18 @@ class AgentConfig:
     etcd_key: str | None = None
     etcd_user: str | None = None
     etcd_password_file: str | None = None
+    # The index repairer inside the agent: "auto" = only without etcd credentials (with auth on
+    # the node's user may not write the index; `zmesh indexer` runs it with admin credentials).
+    indexer: str = "auto"
 
     @property
     def etcd_access(self) -> EtcdAccess:
         return EtcdAccess(self.etcd, cacert=self.etcd_cacert, cert=self.etcd_cert, key=self.etcd_key,
                           user=self.etcd_user, password_file=self.etcd_password_file)
+
+    @property
+    def runs_indexer(self) -> bool:
+        return self.indexer == "on" or (self.indexer == "auto" and self.etcd_user is None)
 
     @property
     def hidden(self) -> bool:

@@ -93,6 +93,8 @@ class SimNode:
     # stays untouched, like pulling a cable (World.set_uplink).
     uplink_netns: str = ""
     uplink_ifname: str = ""
+    # Flags for this node's agent only (e.g. its own etcd credentials), after the world's.
+    agent_args: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def hidden(self) -> bool:
@@ -331,7 +333,7 @@ class World:
                "--metrics-addr", f"127.0.0.1:{node.metrics_port}"]
         for ep in node.endpoints:
             cmd += ["--public-endpoint", ep]
-        return cmd + self.agent_args
+        return cmd + self.agent_args + node.agent_args
 
     def start_agent(self, node_id: str) -> SimNode:
         node = self.nodes[node_id]

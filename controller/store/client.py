@@ -564,6 +564,14 @@ class EtcdStore:
 
         await self._call(one, "lease revoke")
 
+    async def auth_rpc(self, method: str, request, what: str):
+        """One call of etcd's Auth service (user/role management, auth enable), with failover."""
+
+        async def one(client):
+            return await getattr(client.authstub, method)(request, timeout=self.timeout, metadata=self._md(client))
+
+        return await self._call(one, what)
+
     def spawn(self, coro, name: str) -> asyncio.Task:
         """A background task owned by the store: cancelled on close; a crash is logged."""
         if self._closed:

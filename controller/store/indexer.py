@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from controller.models.manifest import ManifestError, parse_json_value
 
 from .cache import WatchCache
-from .client import KV, Delete, EtcdStore, Put, StoreError, absent, lenient_nodes, mod_revision_is
+from .client import KV, Delete, EtcdStore, PermissionDenied, Put, StoreError, absent, lenient_nodes, mod_revision_is
 from .service import Service
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,9 @@ async def repair_index(store: EtcdStore) -> int:
 
 class Indexer(Service):
     """Run with `async with Indexer(store, identity=node_name):`. `leading` is set while this
-    instance is the leader; `repairs` counts the repairs it made."""
+    instance is the leader; `repairs` counts the repairs it made. When etcd denies it the
+    leader key or the index (credentials of a node, with auth on) it stops for good: `denied`
+    holds the reason and `stopped` is set."""
 
     def __init__(self, store: EtcdStore, identity: str, *, ttl: int = 10, resync: float = 300.0, debounce: float = 0.05):
         self.store = store
@@ -120,6 +122,8 @@ class Indexer(Service):
         self.repairs = 0
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
+        self.denied: PermissionDenied | None = None
+        self.stopped = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"Indexer({self.identity!r})"
@@ -148,6 +152,12 @@ class Indexer(Service):
                 log.warning("indexer: %s lost the leadership", self.identity)
             except asyncio.CancelledError:
                 raise
+            except PermissionDenied as e:
+                self.denied = e
+                log.warning("indexer %s: %s: these credentials may not maintain the node index; "
+                            "run `zmesh indexer` with admin credentials instead", self.identity, e)
+                self.stopped.set()
+                return
             except Exception as e:
                 failures += 1
                 log.warning("indexer %s: %s; retrying", self.identity, e)
@@ -215,6 +225,8 @@ class Indexer(Service):
                 for r in plan_repairs(self.store, specs, caches[2].items.keys(), only):
                     try:
                         ok = await apply_repair(self.store, r)
+                    except PermissionDenied:
+                        raise
                     except StoreError as e:  # keep the leadership; try this one again soon
                         log.warning("indexer: cannot repair %s yet: %s", r.spec_key, e)
                         self._dirty.add(r.spec_key)
@@ -245,3 +257,29 @@ async def _quietly(coro) -> None:
         raise
     except Exception as e:  # best effort: the lease expires on its own anyway
         log.debug("ignored: %s", e)
+
+
+async def run_indexer(access, prefix: str, identity: str, log_level: str = "info", timeout: float = 5.0) -> int:
+    """`zmesh indexer`: campaign and repair until SIGTERM/SIGINT. Exit 1 if etcd denies these
+    credentials the index (they are a node's, not an admin's)."""
+    import contextlib
+    import signal
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with access.open_store(prefix, timeout) as store:
+        indexer = Indexer(store, identity=identity)
+        log.info("indexer %s: keeping the node index of %s right", identity, store.layout.root)
+        async with indexer:
+            waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(indexer.stopped.wait())}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+    if indexer.denied is not None:
+        log.error("indexer %s: %s", identity, indexer.denied)
+        return 1
+    return 0

@@ -34,12 +34,14 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.1, what: st
 class Mesh:
     """A World plus the operations the tests speak in: apply manifests, ping, look inside."""
 
-    def __init__(self, world: World, etcd):
+    def __init__(self, world: World, etcd, *, cli_args: list[str] = (), etcdctl_args: list[str] = ()):
         self.world = world
         self.etcd = etcd
+        self.cli_args = list(cli_args)  # e.g. TLS and an admin's credentials
+        self.etcdctl_args = list(etcdctl_args)
 
     def zmesh(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        res = subprocess.run(ZMESH + ["--etcd", ",".join(self.etcd.endpoints), *args],
+        res = subprocess.run(ZMESH + ["--etcd", ",".join(self.etcd.endpoints), *self.cli_args, *args],
                              input=input, capture_output=True, text=True, timeout=60)
         if check and res.returncode != 0:
             raise AssertionError(f"zmesh {' '.join(args)} failed: {res.stderr.strip()}")
@@ -49,15 +51,18 @@ class Mesh:
         return self.zmesh("apply", "-f", "-", input=manifest).stdout
 
     def etcdctl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(["etcdctl", "--endpoints", self.etcd.endpoints[0], *args], input=input,
+        return subprocess.run(["etcdctl", "--endpoints", self.etcd.endpoints[0], *self.etcdctl_args, *args],
+                              input=input,
                               capture_output=True, text=True, timeout=30,
                               env={**os.environ, "ETCDCTL_API": "3"}, check=True)
 
     # --- nodes and workloads --------------------------------------------------------------
 
-    def start(self, *node_ids: str, ipv4: bool = True, ipv6: bool = True) -> None:
+    def start(self, *node_ids: str, ipv4: bool = True, ipv6: bool = True, agent_args=None) -> None:
+        """`agent_args(node_id)`: extra flags for that node's agent (its own credentials)."""
         for node_id in node_ids:
-            self.world.add_node(node_id, ipv4=ipv4, ipv6=ipv6)
+            node = self.world.add_node(node_id, ipv4=ipv4, ipv6=ipv6)
+            node.agent_args = list(agent_args(node_id)) if agent_args else []
             self.world.start_agent(node_id)
         for node_id in node_ids:
             wait_until(lambda: self.ready(node_id), 30, what=f"agent {node_id} ready")

@@ -382,3 +382,21 @@ def test_yaml_output_reads_apiversion_kind_metadata_spec_in_that_order():
     text = output.dump(output.manifest(net), "yaml")
     assert [line.split(":")[0] for line in text.splitlines() if not line.startswith(" ")] == [
         "apiVersion", "kind", "metadata", "spec"]
+
+
+def test_the_agent_runs_the_indexer_only_without_an_etcd_user_unless_told():
+    assert agent_config(agent_args("--node-id", "n1")).runs_indexer
+    creds = ("--etcd-user", "zmesh-node-n1", "--etcd-password-file", "/p")
+    assert not agent_config(agent_args("--node-id", "n1", *creds)).runs_indexer
+    assert agent_config(agent_args("--node-id", "n1", *creds, "--indexer", "on")).runs_indexer
+    assert not agent_config(agent_args("--node-id", "n1", "--indexer", "off")).runs_indexer
+
+
+def test_auth_commands_take_passwords_from_files_only():
+    args = parse("auth", "add-node", "n1", "--password-file", "/p", "--etcd-user", "root",
+                 "--etcd-password-file", "/r")
+    assert (args.auth_command, args.node, args.password_file, args.etcd_user) == ("add-node", "n1", "/p", "root")
+    assert parse("auth", "add-user", "alice", "--password-file", "/p").role == "zmesh-admin"
+    for argv in (["auth", "init"], ["auth", "add-node", "n1"], ["auth", "add-user", "a", "--password", "x"]):
+        with pytest.raises(SystemExit):
+            parse(*argv)

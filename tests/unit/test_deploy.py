@@ -28,6 +28,8 @@ DASHBOARD = DEPLOY / "grafana" / "zmesh-dashboard.json"
 ETCD_CONF = DEPLOY / "etcd" / "etcd.conf.yml"
 UNIT = DEPLOY / "zmeshd.service"
 ENV_EXAMPLE = DEPLOY / "agent.env.example"
+INDEXER_UNIT = DEPLOY / "zmesh-indexer.service"
+INDEXER_ENV_EXAMPLE = DEPLOY / "indexer.env.example"
 METRIC = re.compile(r"\b(zmesh_[a-z0-9_]+)")
 SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count", "_created"),
             "summary": ("", "_sum", "_count", "_created"), "info": ("_info",), "untyped": ("",)}
@@ -109,10 +111,10 @@ def test_dashboard_panels_have_unique_ids_and_the_import_datasource():
     assert [i["name"] for i in dash["__inputs"]] == ["DS_PROMETHEUS"]
 
 
-def unit_service() -> configparser.SectionProxy:
+def unit_service(unit: Path = UNIT) -> configparser.SectionProxy:
     parser = configparser.ConfigParser(strict=False, interpolation=None)
     parser.optionxform = str  # systemd keys are case-sensitive
-    parser.read_string(UNIT.read_text())
+    parser.read_string(unit.read_text())
     return parser["Service"]
 
 
@@ -128,11 +130,20 @@ def test_unit_keeps_wireguard_go_alive_across_restarts_and_reads_the_env_file():
         assert key not in svc, key
 
 
-def test_unit_variables_are_all_in_the_env_example():
-    used = set(re.findall(r"\$\{?([A-Z_]+)\}?", unit_service()["ExecStart"]))
-    defined = {line.split("=", 1)[0] for line in ENV_EXAMPLE.read_text().splitlines()
+@pytest.mark.parametrize("unit, example", [(UNIT, ENV_EXAMPLE), (INDEXER_UNIT, INDEXER_ENV_EXAMPLE)])
+def test_unit_variables_are_all_in_the_env_example(unit, example):
+    svc = unit_service(unit)
+    used = set(re.findall(r"\$\{?([A-Z_]+)\}?", svc["ExecStart"]))
+    defined = {line.split("=", 1)[0] for line in example.read_text().splitlines()
                if line and not line.startswith("#") and "=" in line}
-    assert used and used <= defined, f"not in {ENV_EXAMPLE.name}: {sorted(used - defined)}"
+    assert used and used <= defined, f"not in {example.name}: {sorted(used - defined)}"
+    assert svc["EnvironmentFile"] == f"/etc/zmesh/{example.name.removesuffix('.example')}"
+
+
+def test_the_indexer_unit_runs_the_indexer_unprivileged():
+    svc = unit_service(INDEXER_UNIT)
+    assert " indexer " in svc["ExecStart"] + " " and svc["DynamicUser"] == "yes"
+    assert svc["CapabilityBoundingSet"] == ""
 
 
 needs_etcd = pytest.mark.skipif(not os.path.exists("/usr/bin/etcd") or not shutil.which("etcdctl"),
