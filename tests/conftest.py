@@ -129,6 +129,7 @@ class SecuredEtcd:
 
     def __init__(self, etcd, pki, root_password_file: str):
         self.etcd, self.pki, self.root_password_file = etcd, pki, root_password_file
+        self.root_password = ROOT_SECRET
         self.endpoint = etcd.endpoint
         self.endpoints = etcd.endpoints
         self.ca = pki.ca

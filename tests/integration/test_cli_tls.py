@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT_SECRET as SECRET
 
 pytestmark = pytest.mark.etcd
 
@@ -33,6 +32,11 @@ def run(*argv, env=None, input=NETWORK):
 @pytest.fixture
 def secured(secured_etcd):
     return secured_etcd.etcd, secured_etcd.pki, secured_etcd.root_password_file
+
+
+@pytest.fixture
+def secret(secured_etcd):
+    return secured_etcd.root_password
 
 
 def test_every_command_works_with_the_ca_and_credentials(secured):
@@ -58,10 +62,11 @@ def test_every_command_works_with_the_ca_and_credentials(secured):
     ("plaintext", "expect TLS"),
     ("missing-password-file", "cannot read"),
 ])
-def test_without_the_right_ca_or_credentials_every_command_fails_in_one_line(secured, tmp_path, other_pki, case, expect):
+def test_without_the_right_ca_or_credentials_every_command_fails_in_one_line(secured, secret, tmp_path, other_pki, case,
+                                                                           expect):
     etcd, pki, pw = secured
     wrong = tmp_path / "wrong.pw"
-    wrong.write_text("not-" + SECRET)
+    wrong.write_text("not-" + secret)
     creds = ["--etcd-user", "root", "--etcd-password-file", pw]
     flags = {
         "no-credentials": ["--etcd", etcd.endpoint, "--etcd-cacert", pki.ca],
@@ -79,10 +84,11 @@ def test_without_the_right_ca_or_credentials_every_command_fails_in_one_line(sec
         lines = res.stderr.splitlines()
         assert res.returncode == 1 and len(lines) == 1, (cmd, res.stderr)
         assert lines[0].startswith("zmesh: ") and expect in lines[0], (cmd, lines)
-        assert SECRET not in res.stderr + res.stdout
+        assert secret not in res.stderr + res.stdout
 
 
 def test_no_flag_takes_a_password_in_argv():
+    secret = "root-" + "s3cret" * 4
     # Not even as an abbreviation of --etcd-password-file (its error would echo the "path").
-    res = run("get", "networks", "--etcd-password", SECRET)
+    res = run("get", "networks", "--etcd-password", secret)
     assert res.returncode == 2 and "unrecognized arguments" in res.stderr
