@@ -106,6 +106,12 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _workers(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers from 1 to 64")
+    return int(text)
+
+
 def _output_option(parser: argparse.ArgumentParser, choices=("table", "json", "yaml")) -> None:
     parser.add_argument("-o", "--output", choices=choices, default=choices[0],
                         help=f"output format (default: {choices[0]})")
@@ -228,6 +234,8 @@ def add_agent_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-addr", default=DEFAULT_METRICS_ADDR, metavar="HOST:PORT",
                    help=f"serve /metrics, /healthz, /readyz here (default: {DEFAULT_METRICS_ADDR})")
     p.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
+    p.add_argument("--reconcile-workers", type=_workers, default=4, metavar="N",
+                   help="networks reconciled at the same time (default: 4)")
     p.add_argument("--indexer", default="auto", choices=("auto", "on", "off"),
                    help="run the index repairer inside the agent: auto (default) = only when the agent "
                         "has no etcd user (with auth on, run `zmesh indexer` with admin credentials)")
@@ -259,6 +267,7 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
         metrics_port=port,
         log_level=args.log_level,
         indexer=args.indexer,
+        reconcile_workers=args.reconcile_workers,
     )
 
 

@@ -20,6 +20,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from .accounting import count
 from .netns import (
     NetlinkPool,
     create_netns,
@@ -164,7 +165,17 @@ class Links:
 
     def __init__(self, pool: NetlinkPool | None = None) -> None:
         self.pool = pool or NetlinkPool()
-        self.writes = 0  # kernel writes made so far (0 on a converged resync)
+        self._writes = 0  # kernel writes made so far (0 on a converged resync)
+
+    @property
+    def writes(self) -> int:
+        return self._writes
+
+    @writes.setter
+    def writes(self, value: int) -> None:
+        # Also counted for the reconcile that made them (accounting.counting).
+        count("link", value - self._writes)
+        self._writes = value
 
     def close(self) -> None:
         self.pool.close()

@@ -21,7 +21,9 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
+import stat
 import socket
 import threading
 from collections.abc import Callable
@@ -65,6 +67,57 @@ def netns_identity(ref: str | None) -> tuple[int, int]:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+NSFS_MAGIC = 0x6E736673  # statfs f_type of namespace files (linux/magic.h)
+NS_GET_NSTYPE = 0xB703  # ioctl: the CLONE_NEW* type of a namespace file (Linux 4.11)
+
+
+class NotANetns(ValueError):
+    """A workload's netns that is no network namespace file (or is not there)."""
+
+
+def _fs_type(fd: int) -> int:
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86_64/arm64
+    if _libc.fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ctypes.c_long.from_buffer(buf).value
+
+
+def verify_netns(ref: str) -> tuple[int, int]:
+    """Check that `ref` (a name under /var/run/netns or an absolute path) is a network
+    namespace, without ever blocking on it, and return its identity (dev, inode).
+
+    The path is opened with O_PATH | O_NONBLOCK (no open of a FIFO or device, no read) and its
+    file system type checked with fstatfs (nsfs); only then is it re-opened through that very
+    descriptor (/proc/self/fd/N: the same file, even if the path was swapped meanwhile) to ask
+    its namespace type. Raises NotANetns with a message naming what the path is instead."""
+    path = netns_path(ref)
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotANetns(f"network namespace {ref} does not exist (yet)") from None
+    except OSError as e:
+        raise NotANetns(f"network namespace {ref} cannot be opened: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if _fs_type(fd) != NSFS_MAGIC:
+            kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode)
+                    else "a regular file" if stat.S_ISREG(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                    else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a namespace")
+            raise NotANetns(f"{path} is {kind}, not a network namespace")
+        real = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            nstype = fcntl.ioctl(real, NS_GET_NSTYPE)
+        finally:
+            os.close(real)
+        if nstype != CLONE_NEWNET:
+            raise NotANetns(f"{path} is a namespace, but not a network namespace")
+        return (st.st_dev, st.st_ino)
+    except OSError as e:
+        raise NotANetns(f"network namespace {ref} cannot be checked: {e.strerror}") from None
+    finally:
+        os.close(fd)
 CLONE_NEWNET = 0x40000000
 MS_REC, MS_BIND, MS_SHARED, MNT_DETACH = 0x4000, 0x1000, 1 << 20, 2
 

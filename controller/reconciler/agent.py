@@ -21,6 +21,7 @@ from controller.http.server import HttpServer, Readiness
 from controller.models.resources import Metadata, Node, NodeSpec
 from controller.planner import names
 from controller.planner.plan import NodeContext
+from controller.store.client import StoreError
 from controller.store.indexer import Indexer
 
 from .config import AgentConfig
@@ -46,7 +47,7 @@ class Agent:
         self.config = config
         names.check_prefix(config.name_prefix)
         self.metrics = AgentMetrics(config.node_id, package_version())
-        self.readiness = Readiness(["etcd", "reconciled"])
+        self.readiness = Readiness(["registered", "etcd", "reconciled"])
         self.queue: WorkQueue[str] = WorkQueue(name=f"agent-{config.node_id}")
         self.metrics.observe_queue(lambda: len(self.queue))
         self.store = config.etcd_access.open_store(config.prefix, timeout=config.etcd_timeout)
@@ -101,7 +102,9 @@ class Agent:
             await self.scope.start()
             if self.indexer is not None:
                 await self.indexer.start()
-            self._spawn(self.queue.run(self._work), "workqueue")
+            # Networks reconcile in parallel, a bounded number at a time; the queue never runs
+            # two reconciles of one network at once.
+            self._spawn(self.queue.run(self._work, cfg.reconcile_workers), "workqueue")
             self._spawn(self._resync_loop(), "resync")
             self._spawn(self._readiness_loop(), "readiness")
             self._spawn(self._register(), "register")
@@ -159,11 +162,20 @@ class Agent:
         return self.scope.network_names() | set(self.state.networks)
 
     async def _resync_loop(self) -> None:
-        """Level-triggered safety net: look at every network again every resync interval."""
+        """Level-triggered safety net: look at every network again every resync interval, and
+        delete what the node published for objects that are gone (whatever order they went in,
+        also while the agent was down)."""
         await self._wait_synced()
         while True:
             for network in sorted(self._all_networks()):
                 self.queue.add(network)
+            if self.scope.synced():
+                try:
+                    swept = await self.reconciler.sweep(self._all_networks())
+                    if swept:
+                        log.info("removed %d key(s) this node had published for deleted objects", swept)
+                except StoreError as e:  # etcd away: next time
+                    log.debug("sweep skipped: %s", e)
             await asyncio.sleep(self.config.resync_interval)
 
     async def _wait_synced(self) -> None:
@@ -171,16 +183,19 @@ class Agent:
             await asyncio.sleep(0.05)
 
     async def _readiness_loop(self) -> None:
-        """Ready once the node's view of etcd is listed and the first pass over every network has
-        drained the queue; the etcd gate closes again while the watch is re-listing."""
-        reconciled = False
+        """Ready while the node is registered, every cache of its view of etcd has listed (the
+        gate closes again while one re-lists) and every network it knows of has been reconciled
+        at least once (a network that only waited for its caches does not count)."""
         relists = 0
         while True:
-            synced = self.scope.index_synced
-            (self.readiness.open if synced else self.readiness.close)("etcd")
-            if not reconciled and synced and not len(self.queue) and not self.queue.processing:
-                reconciled = True
-                self.readiness.open("reconciled")
+            gates = {
+                "registered": self.registration is not None,
+                "etcd": self.scope.synced(),
+                "reconciled": self.scope.index_synced
+                and self._all_networks() <= self.reconciler.reconciled,
+            }
+            for gate, is_open in gates.items():
+                (self.readiness.open if is_open else self.readiness.close)(gate)
             now = self.scope.relists()
             if now > relists:
                 self.metrics.etcd_watch_restarts.inc(now - relists)

@@ -52,6 +52,8 @@ class AgentConfig:
     # The index repairer inside the agent: "auto" = only without etcd credentials (with auth on
     # the node's user may not write the index; `zmesh indexer` runs it with admin credentials).
     indexer: str = "auto"
+    # How many networks are reconciled at the same time (one hung helper delays only its own).
+    reconcile_workers: int = 4
 
     @property
     def etcd_access(self) -> EtcdAccess:

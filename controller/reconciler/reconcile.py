@@ -7,6 +7,7 @@ the NodeScope cache and the whole observed state from the kernel. A converged NR
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import time
@@ -14,10 +15,13 @@ from dataclasses import dataclass
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from controller.dataplane import accounting
+from controller.dataplane.accounting import count, counting
 from controller.dataplane.links import Links, VethAttachment
-from controller.dataplane.netns import netns_exists, netns_identity
+from controller.dataplane.netns import NotANetns, netns_exists, netns_identity, verify_netns
 from controller.dataplane.wireguard.base import DesiredPeer as WgPeer
 from controller.dataplane.wireguard.base import KeyStore, WireGuardBackend, WireGuardError
+from controller.dataplane.wireguard.uapi import UAPITimeout
 from controller.http.metrics import AgentMetrics
 from controller.models.resources import (
     MAX_MESSAGE,
@@ -51,6 +55,8 @@ def _identity_or_none(ref: str | None) -> tuple[int, int] | None:
 # that its container runtime has not created yet); etcd changes need no polling: they are watched.
 WAIT_FOR_NETNS = 2.0
 WAIT_FOR_CACHE = 0.2
+# Bound on attaching one workload (netlink in its namespace): a wedged one delays only itself.
+NETLINK_TIMEOUT = 10.0
 
 
 @dataclass
@@ -77,32 +83,49 @@ class Reconciler:
         self.wg_writes = 0
         # Listen ports another program (or another agent on this host) turned out to hold.
         self._busy_ports: set[int] = set()
+        # Networks reconciled at least once (to an outcome or an error), for /readyz.
+        self.reconciled: set[str] = set()
+        self._tearing_down: set[str] = set()
 
     @property
     def writes(self) -> int:
-        """Kernel + WireGuard + etcd writes so far: unchanged across a converged resync."""
+        """Kernel + WireGuard + etcd writes so far, by every reconcile: unchanged across a
+        converged resync."""
         return self.links.writes + self.wg_writes + self.etcd_writes
+
+    def _wrote(self, kind: str) -> None:
+        if kind == "etcd":
+            self.etcd_writes += 1
+        else:
+            self.wg_writes += 1
+        count(kind)
 
     # --- entry point -----------------------------------------------------------------------
 
     async def reconcile(self, network: str) -> float | None:
         started = time.perf_counter()
-        before = self.writes
         try:
-            outcome = await self._reconcile(network)
+            # The writes of this reconcile only: other networks are reconciled concurrently.
+            with counting() as writes:
+                outcome = await self._reconcile(network)
         except Exception:
+            self.reconciled.add(network)
             self.metrics.reconcile.labels(network=network, result="error").inc()
             self.metrics.reconcile_errors.labels(network=network).inc()
             raise
         finally:
             self.metrics.reconcile_duration.labels(network=network).observe(time.perf_counter() - started)
         result = outcome.result
-        if result == "converged" and self.writes != before:
+        if result != "waiting":
+            self.reconciled.add(network)
+        if result == "converged" and writes.total:
             result = "changed"
         self.metrics.reconcile.labels(network=network, result=result).inc()
         self.metrics.network_resources.set(len(self.state.networks))
         if result == "removed":
             self.metrics.forget_network(network)
+            if network not in self.scope.network_names():  # gone for good: forget it
+                self.reconciled.discard(network)
         return outcome.requeue_after
 
     async def _reconcile(self, name: str) -> Outcome:
@@ -140,23 +163,29 @@ class Reconciler:
         name = network.name
         own = network.spec.resource_for(self.ctx.node_id)
         record = self.state.networks.get(name)
+        # Allocate and record in one step with no await in between: networks reconcile
+        # concurrently, and another one must see this port taken the moment it is chosen.
         # A busy port is held by a pseudo-network whose name sorts before every real one, so the
         # pure allocator moves whoever had it to the next free port.
         in_use = {**self.state.ports(), **{f"\0busy:{p}": p for p in self._busy_ports}}
         try:
             port = allocate_listen_port(self.port_range, in_use, name)
         except PortsExhausted as e:
-            await self._publish_status(network, [("Ready", "False", "PortsExhausted", str(e))])
-            return Outcome("invalid")
+            port = None
+            exhausted = e
         workloads, broken = self.scope.workloads_of(name)
-        await self._publish_broken_workloads(broken)
         previous = record.workloads if record else {}
         # A workload whose spec became unreadable stays attached exactly as it was, keeping
         # its address (bad input never hurts what was running).
         kept = {w: ip for w, ip in previous.items() if w in broken}
         allocations, ip_problems = allocate_workload_ips(own.subnet, workloads, previous, reserved=kept)
-        # Recorded before anything is created: ownership survives a crash at any later point.
-        self.state.record(name, port, {**allocations, **kept})
+        if port is not None:
+            # Recorded before anything is created: ownership survives a crash at any later point.
+            self.state.record(name, port, {**allocations, **kept})
+        await self._publish_broken_workloads(broken)
+        if port is None:
+            await self._publish_status(network, [("Ready", "False", "PortsExhausted", str(exhausted))])
+            return Outcome("invalid")
 
         wg_ifname = names.wg_ifname(self.ctx.name_prefix, name)
         private_key, public_key = self.keys.load_or_create(wg_ifname)
@@ -195,28 +224,29 @@ class Reconciler:
         return Outcome("pending" if desired.issues or workload_problems else "converged")
 
     async def _apply_nr(self, desired: DesiredNR, private_key: str):
-        writes = self.links.writes
+        writes = accounting.current()  # this reconcile's own: others run concurrently
+        before = writes.link
         nr_existed = netns_exists(desired.netns)
         # One observation serves every step; it is refreshed only after a step wrote, so a
         # converged NR costs a single netlink dump.
         observed = await self.links.observe(desired.netns) if nr_existed else None
-        seen = self.links.writes
+        seen = writes.link
 
         async def fresh():
             nonlocal observed, seen
-            if self.links.writes != seen:
+            if writes.link != seen:
                 observed = await self.links.observe(desired.netns)
-                seen = self.links.writes
+                seen = writes.link
             return observed
 
         await self.links.ensure_nr(desired.netns, observed=observed)
         await self.links.ensure_bridge(desired.netns, desired.bridge, desired.gateway, mtu=desired.mtu,
                                        observed=await fresh())
         if await self.wg.ensure_device(desired.wg_ifname, desired.netns, observed=await fresh()):
-            self.wg_writes += 1
+            self._wrote("wireguard")
             seen = -1  # the device (re)appeared: observe again
-            if nr_existed:  # the NR was there but its WireGuard device was not: a repair
-                log.warning("network %s: WireGuard device %s was gone; restarted it",
+            if nr_existed:  # the NR was there but its WireGuard device was not (or hung): a repair
+                log.warning("network %s: WireGuard device %s was gone or hung; restarted it",
                             desired.network, desired.wg_ifname)
                 self.metrics.wireguard_restarts.inc()
         await self.links.ensure_link(desired.netns, desired.wg_ifname, mtu=desired.mtu, up=True,
@@ -225,12 +255,14 @@ class Reconciler:
                  for p in desired.peers]
         try:
             device = await self.wg.get(desired.wg_ifname, desired.netns)
+        except UAPITimeout:
+            raise  # it hangs: fail now (reported), the retry's ensure_device restarts it
         except WireGuardError:
             device = None
         ops = await self.wg.configure(desired.wg_ifname, desired.netns, private_key,
                                       desired.listen_port, peers, observed=device)
         if ops:
-            self.wg_writes += 1
+            self._wrote("wireguard")
             self.metrics.dataplane_writes.labels(kind="wireguard").inc()
             device = await self.wg.get(desired.wg_ifname, desired.netns)
         if device is not None:
@@ -239,8 +271,8 @@ class Reconciler:
             self.metrics.set_wireguard_traffic(desired.network, rx, tx)
         await self.links.ensure_routes(desired.netns, desired.wg_ifname, desired.routes,
                                        observed=await fresh())
-        if self.links.writes != writes:
-            self.metrics.dataplane_writes.labels(kind="link").inc(self.links.writes - writes)
+        if writes.link != before:
+            self.metrics.dataplane_writes.labels(kind="link").inc(writes.link - before)
         return await fresh()
 
     async def _apply_workloads(self, desired: DesiredNR, observed, keep: set[str]) -> dict[str, str]:
@@ -252,25 +284,33 @@ class Reconciler:
         wanted |= {names.workload_veth(self.ctx.name_prefix, w) for w in keep}
         forbidden: set | None = None  # read once, only when there is a workload
         for a in desired.workloads:
-            if not netns_exists(a.netns):
-                problems[a.workload] = f"network namespace {a.netns} does not exist (yet)"
+            # Input from someone else: a FIFO or a file there would block or mislead every
+            # later open, so nothing touches the path before it proves to be a network namespace.
+            try:
+                identity = verify_netns(a.netns)
+            except NotANetns as e:
+                problems[a.workload] = str(e)
                 continue
             if forbidden is None:
                 forbidden = self._node_namespaces()
-            if _identity_or_none(a.netns) in forbidden:
+            if identity in forbidden:
                 # A spec naming the node's own namespace (or an NR) would get a veth there and
                 # its default route replaced: never touch what is not a container's.
                 problems[a.workload] = (f"network namespace {a.netns} is this node's own or an NR's; "
                                         "refusing to attach a workload there")
                 continue
-            writes = self.links.writes
             try:
-                await self.links.ensure_workload(desired.netns, desired.bridge, VethAttachment(
-                    host_ifname=a.veth, netns=a.netns, ifname=a.interface, address=a.address,
-                    gateway=a.gateway, mtu=a.mtu), observed=observed)
+                written = await asyncio.wait_for(self.links.ensure_workload(
+                    desired.netns, desired.bridge, VethAttachment(
+                        host_ifname=a.veth, netns=a.netns, ifname=a.interface, address=a.address,
+                        gateway=a.gateway, mtu=a.mtu), observed=observed), NETLINK_TIMEOUT)
+            except asyncio.TimeoutError:  # this workload only; the others go on
+                problems[a.workload] = f"attaching timed out after {NETLINK_TIMEOUT:g}s"
+                written = 1
             except (OSError, RuntimeError, NetlinkError) as e:  # this workload only
                 problems[a.workload] = str(e)
-            if self.links.writes != writes:
+                written = 1  # it may have written before failing
+            if written:
                 observed = await self.links.observe(desired.netns, sysctls=False)
         for link in (observed.links.values() if observed else ()):
             if link.name not in wanted and names.owns_workload_veth(self.ctx.name_prefix, link.name):
@@ -291,6 +331,13 @@ class Reconciler:
         wg_ifname = names.wg_ifname(self.ctx.name_prefix, name)
         if record is None and wg_ifname not in self.wg.owned_devices():
             return
+        self._tearing_down.add(name)
+        try:
+            await self._teardown(name, record, netns, wg_ifname)
+        finally:
+            self._tearing_down.discard(name)
+
+    async def _teardown(self, name, record, netns, wg_ifname) -> None:
         await self.wg.delete_device(wg_ifname, netns)
         if netns_exists(netns):
             await self.links.delete_nr(netns)
@@ -302,20 +349,33 @@ class Reconciler:
         self.state.forget(name)
         log.info("removed network resource %s", name)
 
+    async def sweep(self, networks: set[str]) -> int:
+        """Delete what this node published for objects that are gone (a status whose workload
+        was deleted while the agent was down, or before its network): `networks` are those it
+        knows (index and state record). Returns how many keys went."""
+        layout = self.store.layout
+        node = self.ctx.node_id
+        own = self.scope.own.keys(layout.node_root(node))
+        stale = stale_own_keys(layout, node, own, networks | self._tearing_down,
+                               self.scope.workload_names())
+        for key in stale:
+            await self._delete_own(key)
+        return len(stale)
+
     async def _put_own(self, key: str, value: bytes) -> bool:
         """Write a key of this node's own prefix unless it already holds `value`."""
         if self.scope.own.get(key) == value:
             return False
         revision = await self.store.put(key, value)
         self.scope.own.wrote(key, value, revision)
-        self.etcd_writes += 1
+        self._wrote("etcd")
         return True
 
     async def _delete_own(self, key: str) -> None:
         res = await self.store.txn([], [Delete(key)])
         self.scope.own.wrote(key, None, res.revision)
         if res.results and res.results[0]:
-            self.etcd_writes += 1
+            self._wrote("etcd")
 
     # --- status ----------------------------------------------------------------------------
 
@@ -402,6 +462,23 @@ class Reconciler:
         if stale:
             self.state.record(network, record.listen_port,
                               {w: ip for w, ip in record.workloads.items() if w not in stale})
+
+
+def stale_own_keys(layout, node: str, own_keys: set[str], networks: set[str], workloads: set[str]) -> list[str]:
+    """PURE: the keys this node published for objects it no longer has, whatever the order in
+    which they went: the facts, verdicts and status of an NR of a network in neither `networks`
+    (the index and the state record) nor being torn down, the status of a workload not in
+    `workloads` (the index). Its registration, liveness and events are the node's own."""
+    stale = []
+    for key in sorted(own_keys):
+        for kind, make, alive in (("facts", layout.facts, networks), ("verdicts", layout.verdicts, networks),
+                                  ("nr_status", layout.nr_status, networks),
+                                  ("workload_status", layout.workload_status, workloads)):
+            prefix = make(node, "")
+            name = key[len(prefix):]
+            if key.startswith(prefix) and name and "/" not in name and name not in alive:
+                stale.append(key)
+    return stale
 
 
 def degraded_message(issues, workload_problems: dict[str, str], named: int = 3) -> str:

@@ -46,6 +46,9 @@ class OwnKeys:
 
     def wrote(self, key: str, value: bytes | None, revision: int) -> None:
         """Record our own put (value) or delete (None) at `revision`."""
+        # Forget the writes the cache has caught up with (a key never read again stays not).
+        for k in [k for k, (_v, rev) in self._writes.items() if rev <= self.cache.revision]:
+            del self._writes[k]
         self._writes[key] = (value, revision)
 
     def keys(self, prefix: str) -> set[str]:
@@ -81,6 +84,10 @@ class NodeScope:
 
     async def stop(self) -> None:
         await asyncio.gather(*(c.stop() for c in self._caches()), return_exceptions=True)
+
+    def synced(self) -> bool:
+        """Every cache has listed and is watching (false while one re-lists)."""
+        return all(c.synced.is_set() for c in self._caches())
 
     def relists(self) -> int:
         return sum(c.relists for c in self._caches())
@@ -132,6 +139,7 @@ class NodeScope:
                     self.store, self.layout.node_mesh(peer),
                     lambda key, p=peer: self._peer_changed(p, key)).start()
         for peer in before - peers:
+            self._parsed.pop(self.layout.facts(peer, network), None)
             networks = self._peer_networks.get(peer, set())
             networks.discard(network)
             if not networks:
@@ -175,6 +183,11 @@ class NodeScope:
         prefix = self._index_prefix + "networks/"
         return {k[len(prefix):] for k in self.index.items if k.startswith(prefix)}
 
+    def workload_names(self) -> set[str]:
+        """Workloads the index names for this node."""
+        prefix = self._index_prefix + "workloads/"
+        return {k[len(prefix):] for k in self.index.items if k.startswith(prefix)}
+
     def known(self, network: str) -> bool:
         """Whether we have listed this network's keys at least once: only then may its absence
         be trusted (a restart must never tear down an NR before its spec has been read)."""
@@ -210,6 +223,7 @@ class NodeScope:
         values that are not valid facts are not (node -> problem)."""
         good: dict[str, NetworkResourceFacts] = {}
         bad: dict[str, str] = {}
+        claimed: dict[str, tuple[int, str]] = {}  # public key -> (revision, node) of its first claim
         for peer in sorted(self._network_peers.get(network, ())):
             cache = self._peers.get(peer)
             key = self.layout.facts(peer, network)
@@ -219,8 +233,18 @@ class NodeScope:
             parsed = self._parse_facts(peer, network, key, kv.value, kv.mod_revision)
             if isinstance(parsed, str):
                 bad[peer] = parsed
-            else:
-                good[peer] = parsed
+                continue
+            good[peer] = parsed
+            first = claimed.get(parsed.publicKey)
+            if first is None or kv.mod_revision < first[0]:
+                claimed[parsed.publicKey] = (kv.mod_revision, peer)
+        # WireGuard knows peers by key: a node publishing a key another node published before
+        # it would take over that node's peer (endpoint, AllowedIPs). The earlier claim keeps it.
+        for peer, facts in list(good.items()):
+            owner = claimed[facts.publicKey][1]
+            if owner != peer:
+                del good[peer]
+                bad[peer] = f"it claims the public key node {owner!r} published first"
         return good, bad
 
     def _parse_facts(self, peer: str, network: str, key: str, raw: bytes, revision: int):

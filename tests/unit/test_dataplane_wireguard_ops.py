@@ -231,3 +231,12 @@ def test_keystore_file_is_private_and_stable(tmp_path):
     assert public_key(priv) == pub
     ks.remove("zw1")
     assert ks.load_or_create("zw1")[0] != priv
+
+
+@pytest.mark.parametrize("endpoint", ["198.51.100.2:51820\nremove=true", "[fe80::1%x\n]:1", "a=b:1", "1.2.3.4:1\r"])
+def test_the_uapi_writer_refuses_a_value_that_could_inject_a_line(endpoint):
+    from controller.dataplane.wireguard.base import PeerOp, WireGuardError
+
+    with pytest.raises(WireGuardError, match="not a plain token"):
+        format_set(DeviceOps(peers=(PeerOp(K[0], endpoint=endpoint),)))
+    assert format_set(DeviceOps(peers=(PeerOp(K[0], endpoint="[2001:db8::1]:51820"),)))

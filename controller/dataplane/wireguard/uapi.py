@@ -29,6 +29,11 @@ def socket_path(ifname: str) -> str:
     return os.path.join(SOCKET_DIR, f"{ifname}.sock")
 
 
+class UAPITimeout(WireGuardError):
+    """The daemon accepted the connection but did not answer in time: it hangs (stopped,
+    wedged); its supervisor should restart it."""
+
+
 class UAPIError(WireGuardError):
     """The daemon refused a request: `errno` is its (positive) errno value."""
 
@@ -53,8 +58,23 @@ def socket_owner(ifname: str) -> int | None:
         s.close()
 
 
+_UNSAFE = frozenset("\n\r=\0")
+
+
+def _checked(lines: list[str]) -> list[str]:
+    """Defence in depth (values are validated long before): a value holding a newline, '=' or
+    NUL would smuggle its own UAPI line into the request (e.g. `remove=true` for another peer),
+    so a request with one is refused whole, before anything is sent."""
+    for line in lines:
+        key, _, value = line.partition("=")
+        if not value or _UNSAFE & set(value) or _UNSAFE & set(key):
+            raise WireGuardError(f"refusing a UAPI line for {key!r}: its value is not a plain token")
+    return lines
+
+
 def format_set(ops: DeviceOps) -> str:
-    """The `set=1` request body for `ops` (without the leading `set=1`)."""
+    """The `set=1` request body for `ops` (without the leading `set=1`); WireGuardError if a
+    value could inject a line."""
     lines: list[str] = []
     if ops.private_key is not None:
         lines.append(f"private_key={b64_to_hex(ops.private_key)}")
@@ -74,7 +94,7 @@ def format_set(ops: DeviceOps) -> str:
             lines.extend(f"allowed_ip={n}" for n in sorted(p.allowed_ips, key=str))
         if p.add_allowed_ips:
             lines.extend(f"allowed_ip={n}" for n in sorted(p.add_allowed_ips, key=str))
-    return "".join(line + "\n" for line in lines)
+    return "".join(line + "\n" for line in _checked(lines))
 
 
 def parse_get(text: str) -> DeviceState:
@@ -137,9 +157,12 @@ async def request(ifname: str, body: str, timeout: float = 5.0, path: str | None
         raise WireGuardError(f"wireguard {ifname}: UAPI socket not available ({e})") from e
     try:
         writer.write(body.encode() + b"\n")
-        await writer.drain()
-        # the whole answer ends with "errno=N" and an empty line: read it in one go
-        raw = await asyncio.wait_for(reader.readuntil(b"\n\n"), timeout)
+        try:
+            await asyncio.wait_for(writer.drain(), timeout)
+            # the whole answer ends with "errno=N" and an empty line: read it in one go
+            raw = await asyncio.wait_for(reader.readuntil(b"\n\n"), timeout)
+        except asyncio.TimeoutError:
+            raise UAPITimeout(f"wireguard {ifname}: {op}: no answer within {timeout:g}s") from None
         text = raw.decode()
         body_, _, last = text[:-2].rpartition("\n")
         if not last.startswith("errno="):

@@ -95,6 +95,9 @@ class UserspaceBackend(WireGuardBackend):
         self.start_timeout = start_timeout
         self._children: dict[str, subprocess.Popen] = {}  # started by this object: to reap
         self.starts = 0  # processes started (a converged node starts none)
+        # Devices whose wireguard-go accepted a UAPI request but never answered (SIGSTOPped,
+        # wedged): dead for ensure_device, which restarts them.
+        self._hung: set[str] = set()
 
     # --- records --------------------------------------------------------------------------
 
@@ -129,6 +132,8 @@ class UserspaceBackend(WireGuardBackend):
     # --- lifecycle ------------------------------------------------------------------------
 
     async def device_alive(self, ifname: str, netns: str, observed: NRState | None = None) -> bool:
+        if ifname in self._hung:
+            return False
         if self.pid(ifname) is None or not netns_exists(netns):
             return False
         # the socket must be our process's (SO_PEERCRED), not merely exist; no get=1 here: it
@@ -141,7 +146,11 @@ class UserspaceBackend(WireGuardBackend):
     async def ensure_device(self, ifname: str, netns: str, observed: NRState | None = None) -> bool:
         if await self.device_alive(ifname, netns, observed):
             return False
+        if ifname in self._hung:
+            log.warning("wireguard-go %s (pid %s) stopped answering its UAPI socket; restarting it",
+                        ifname, self.pid(ifname))
         await self._stop(ifname)
+        self._hung.discard(ifname)
         await self._start(ifname)
         try:
             await self.links.move_link(self.host_netns, ifname, netns)
@@ -208,6 +217,8 @@ class UserspaceBackend(WireGuardBackend):
     def _kill(self, pid: int, sig: int = signal.SIGTERM) -> None:
         try:
             os.kill(pid, sig)
+            if sig == signal.SIGTERM:
+                os.kill(pid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once continued
         except ProcessLookupError:
             pass
 
@@ -259,6 +270,7 @@ class UserspaceBackend(WireGuardBackend):
     async def delete_device(self, ifname: str, netns: str) -> bool:
         """Stop the process (its TUN link goes with it) and forget it."""
         removed = await self._stop(ifname)
+        self._hung.discard(ifname)
         try:
             os.unlink(os.path.join(self.pid_dir, f"{ifname}.log"))
         except FileNotFoundError:
@@ -268,10 +280,18 @@ class UserspaceBackend(WireGuardBackend):
     # --- configuration --------------------------------------------------------------------
 
     async def get(self, ifname: str, netns: str) -> DeviceState:
-        return await uapi.get(ifname)
+        try:
+            return await uapi.get(ifname)
+        except uapi.UAPITimeout:
+            self._hung.add(ifname)
+            raise
 
     async def apply(self, ifname: str, netns: str, ops: DeviceOps) -> None:
-        await uapi.set_ops(ifname, ops)
+        try:
+            await uapi.set_ops(ifname, ops)
+        except uapi.UAPITimeout:
+            self._hung.add(ifname)
+            raise
 
     async def close(self) -> None:
         # Children keep running (own session); drop the handles without waiting.
