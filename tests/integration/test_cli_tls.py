@@ -29,12 +29,8 @@ def run(*argv, env=None, input=NETWORK):
                           env={**clean, **(env or {})})
 
 
-SECRET = "root-" + "s3cret" * 4  # what tests/conftest.py gives root (never imported: conftests differ)
-
-
 @pytest.fixture
 def secured(secured_etcd):
-    assert open(secured_etcd.root_password_file).read().strip() == SECRET
     return secured_etcd.etcd, secured_etcd.pki, secured_etcd.root_password_file
 
 
