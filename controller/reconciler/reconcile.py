@@ -8,6 +8,7 @@ the NodeScope cache and the whole observed state from the kernel. A converged NR
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import time
@@ -57,6 +58,13 @@ WAIT_FOR_NETNS = 2.0
 WAIT_FOR_CACHE = 0.2
 # Bound on attaching one workload (netlink in its namespace): a wedged one delays only itself.
 NETLINK_TIMEOUT = 10.0
+# Bound on one whole reconcile, whatever hangs in it (a kernel call, a helper like nft, etcd):
+# it is cancelled, reported and retried with backoff, and its worker is free for other networks.
+RECONCILE_TIMEOUT = 120.0
+
+
+class ReconcileTimeout(RuntimeError):
+    """One reconcile ran longer than RECONCILE_TIMEOUT (something in it hangs)."""
 
 
 @dataclass
@@ -107,7 +115,18 @@ class Reconciler:
         try:
             # The writes of this reconcile only: other networks are reconciled concurrently.
             with counting() as writes:
-                outcome = await self._reconcile(network)
+                outcome = await asyncio.wait_for(self._reconcile(network), RECONCILE_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.reconciled.add(network)
+            self.metrics.reconcile.labels(network=network, result="error").inc()
+            self.metrics.reconcile_errors.labels(network=network).inc()
+            error = ReconcileTimeout(f"the reconcile did not finish within {RECONCILE_TIMEOUT:g}s; "
+                                     "cancelled, will retry")
+            spec, _ = self.scope.network(network)
+            if spec is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._publish_failure(spec, error), 5)
+            raise error from None
         except Exception:
             self.reconciled.add(network)
             self.metrics.reconcile.labels(network=network, result="error").inc()
