@@ -94,3 +94,17 @@ async def test_a_stopped_wireguard_go_delays_only_its_network_and_is_restarted(m
                what="the restart counted")
     assert "stopped answering its UAPI socket" in mesh.world.agent_log("n1")
     mesh.wait_mesh(two, timeout=30)
+
+
+async def test_readyz_waits_until_every_known_network_was_reconciled(mesh):
+    two_node_mesh(mesh)
+    mesh.apply(green(mesh))
+    mesh.wait_mesh(GREEN_IPS)
+    mesh.world.stop_agent("n1")
+    for key in ("blue", "green"):  # what a first reconcile writes again
+        mesh.etcdctl("del", f"/zmesh/v1/nodes/n1/status/networks/{key}")
+    mesh.world.start_agent("n1")
+    wait_until(lambda: mesh.ready("n1"), 30, interval=0.02, what="n1 ready again")
+    # The first 200 comes only after both networks were reconciled (their status is back).
+    for key in ("blue", "green"):
+        assert mesh.etcdctl("get", "--print-value-only", f"/zmesh/v1/nodes/n1/status/networks/{key}").stdout.strip()
