@@ -5,7 +5,8 @@ Specs are written by users (CLI or plain `etcdctl put`); `Node` registrations an
 typo in a hand-written manifest is an error, not a silently ignored setting.
 
 Rules that need only one object live here as pydantic validators; rules that relate objects to
-each other (workload vs. its network, network vs. registered nodes) are in `validation.py`.
+each other (workload vs. its network, network vs. registered nodes) are admission's
+(`controller/admission/`).
 """
 
 from __future__ import annotations
@@ -187,6 +188,19 @@ def gateway_of(subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
     return subnet.network_address + 1
 
 
+def address_problems(ip: ipaddress.IPv4Address, subnet: ipaddress.IPv4Network) -> list[str]:
+    """Why `ip` cannot be a workload's address in the NR subnet `subnet` (empty: it can)."""
+    if ip not in subnet:
+        return [f"ip {ip} is outside the node's subnet {subnet}"]
+    if ip == subnet.network_address:
+        return [f"ip {ip} is the network address of {subnet}"]
+    if ip == subnet.broadcast_address:
+        return [f"ip {ip} is the broadcast address of {subnet}"]
+    if ip == gateway_of(subnet):
+        return [f"ip {ip} is the gateway of {subnet}, held by the network resource"]
+    return []
+
+
 def _check_routable(what: str, v: ipaddress.IPv4Network) -> None:
     for bad, why in UNROUTABLE_RANGES.items():
         if v.overlaps(bad):
@@ -206,10 +220,10 @@ def _parse_network(v):
         if ":" in v:  # say so plainly rather than "Expected 4 octets in 'fd00::'"
             raise ValueError(f"{v!r} is an IPv6 prefix, but networks are IPv4 (such as \"10.1.0.0/16\")") from None
         try:
-            ipaddress.IPv4Network(v, strict=False)
+            loose = ipaddress.IPv4Network(v, strict=False)
         except ValueError:
             raise ValueError(f"{v!r} is not an IPv4 prefix ({e})") from None
-        raise ValueError(f"{v!r} has host bits set ({e})") from None
+        raise ValueError(f"{v!r} has host bits set (did you mean {loose}?)") from None
 
 
 def _parse_address(v):
@@ -248,7 +262,7 @@ class NetworkSpec(_Strict):
     def _consistent(self):
         problems = network_spec_problems(self)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise FieldProblems(problems)
         return self
 
     def resource_for(self, node: str) -> NetworkResourceSpec | None:
@@ -262,28 +276,37 @@ class NetworkSpec(_Strict):
         return [r.node for r in self.resources]
 
 
-def network_spec_problems(spec: NetworkSpec) -> list[str]:
-    """Every problem of one network spec that needs more than one field, one message each."""
-    problems: list[str] = []
+class FieldProblems(ValueError):
+    """Several problems of one model, each at a field path relative to it, e.g.
+    ("resources[1].subnet", "subnet ... overlaps ..."): reported one line each, at full path."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{path}: {message}" if path else message for path, message in problems))
+
+
+def network_spec_problems(spec: NetworkSpec) -> list[tuple[str, str]]:
+    """Every problem of one network spec that needs more than one field: (path, message)."""
+    problems: list[tuple[str, str]] = []
     seen_nodes: set[str] = set()
     for i, r in enumerate(spec.resources):
         if r.node in seen_nodes:
-            problems.append(f"resources[{i}]: node {r.node!r} appears more than once")
+            problems.append((f"resources[{i}].node", f"node {r.node!r} appears more than once"))
         seen_nodes.add(r.node)
         if not r.subnet.subnet_of(spec.ipRange):
-            problems.append(f"resources[{i}]: subnet {r.subnet} is outside ipRange {spec.ipRange}")
+            problems.append((f"resources[{i}].subnet", f"subnet {r.subnet} is outside ipRange {spec.ipRange}"))
     problems += _overlap_problems(spec.resources)
     for i, agg in enumerate(spec.aggregators):
         if agg not in seen_nodes:
-            problems.append(f"aggregators[{i}]: {agg!r} is not a node of this network")
+            problems.append((f"aggregators[{i}]", f"{agg!r} is not a node of this network"))
     if len(set(spec.aggregators)) != len(spec.aggregators):
-        problems.append("aggregators: a node is listed more than once")
+        problems.append(("aggregators", "a node is listed more than once"))
     if spec.egress is not None and spec.egress not in seen_nodes:
-        problems.append(f"egress: {spec.egress!r} is not a node of this network")
+        problems.append(("egress", f"{spec.egress!r} is not a node of this network"))
     return problems
 
 
-def _overlap_problems(resources: list[NetworkResourceSpec]) -> list[str]:
+def _overlap_problems(resources: list[NetworkResourceSpec]) -> list[tuple[str, str]]:
     """Overlapping subnets, in O(n log n): a sweep over the subnets sorted by start address,
     each compared with the widest-reaching one before it (a pairwise check is quadratic and took
     minutes on a 1 MB spec written by hand, in every reader of it, agents included)."""
@@ -298,7 +321,8 @@ def _overlap_problems(resources: list[NetworkResourceSpec]) -> list[str]:
     problems = []
     for i, j in sorted(found, key=lambda p: (p[1], p[0])):
         a, b = resources[i], resources[j]
-        problems.append(f"resources[{j}]: subnet {b.subnet} (node {b.node}) overlaps {a.subnet} (node {a.node})")
+        problems.append((f"resources[{j}].subnet",
+                         f"subnet {b.subnet} (node {b.node}) overlaps {a.subnet} (node {a.node})"))
     return problems
 
 
