@@ -1,14 +1,14 @@
 """Pure, deterministic allocation of WireGuard listen ports and NR public-leg addresses (per
-node) and workload addresses (per NR subnet). Existing allocations are kept whenever they are still valid, so a resync or an
-agent restart never renumbers anything that works."""
+node) and workload addresses (per NR subnet). Existing allocations are kept whenever they are
+still valid, so a resync, an agent restart or a later spec pinning the same address never
+renumbers anything that works."""
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping, Sequence
 
-from controller.models.resources import PortRange, Workload
-from controller.models.validation import address_problems
+from controller.models.resources import PortRange, Workload, address_problems
 
 from .ndmz import NDMZ_GATEWAY, NDMZ_RANGE
 
@@ -48,25 +48,34 @@ def allocate_workload_ips(
 ) -> tuple[dict[str, ipaddress.IPv4Address], dict[str, str]]:
     """Addresses for the workloads of one NR: (name -> ip, name -> problem).
 
-    Order of precedence, each step deterministic:
-    1. a fixed `spec.ip` is honoured if valid in `subnet`; when several workloads ask for the
-       same address, the one that already had it keeps it, else the first by name;
-    2. a previous allocation is kept if still valid and not claimed by a fixed address (a user's
-       explicit choice wins over an automatic one) or by an earlier-named workload;
-    3. everything else gets the lowest free host (never network, gateway or broadcast address).
+    An address is never taken from the workload that holds it: bad or late input never hurts
+    what runs. Order of precedence, each step deterministic:
+    1. `reserved` (name -> ip): addresses still in use by workloads not in `workloads` (e.g. one
+       whose spec became unreadable and stays attached as it was); nobody else gets them;
+    2. a previous allocation is kept while still valid in `subnet`, unless the workload now pins
+       another address (its own choice releases the old one); when two claim one (a damaged
+       record), the first by name keeps it;
+    3. a fixed `spec.ip` is honoured if valid and free; an address held by another workload
+       (steps 1-2) or pinned by an earlier-named one is reported, not taken;
+    4. everything else gets the lowest free host (never network, gateway or broadcast address).
     A workload that cannot get an address is reported in the problems, never raised.
-    `reserved` (name -> ip) are addresses still in use by workloads not in `workloads` (e.g. one
-    whose spec became unreadable and stays attached as it was): nobody else gets them.
     """
     allocated: dict[str, ipaddress.IPv4Address] = {}
     problems: dict[str, str] = {}
     owner: dict[ipaddress.IPv4Address, str] = {ip: name for name, ip in (reserved or {}).items()}
     by_name = sorted(workloads, key=lambda w: w.name)
 
-    fixed = [w for w in by_name if w.spec.ip is not None]
-    # The workload already holding its fixed address comes first, then by name.
-    for w in sorted(fixed, key=lambda w: (previous.get(w.name) != w.spec.ip, w.name)):
+    for w in by_name:
+        ip = previous.get(w.name)
+        if (ip is not None and w.spec.ip in (None, ip) and ip not in owner
+                and not address_problems(ip, subnet)):
+            owner[ip] = w.name
+            allocated[w.name] = ip
+
+    for w in by_name:
         ip = w.spec.ip
+        if ip is None or w.name in allocated:
+            continue
         bad = address_problems(ip, subnet)
         if bad:
             problems[w.name] = bad[0]
@@ -76,16 +85,9 @@ def allocate_workload_ips(
             owner[ip] = w.name
             allocated[w.name] = ip
 
-    dynamic = [w for w in by_name if w.spec.ip is None]
-    for w in dynamic:
-        ip = previous.get(w.name)
-        if ip is not None and ip not in owner and not address_problems(ip, subnet):
-            owner[ip] = w.name
-            allocated[w.name] = ip
-
     free = _free_hosts(subnet, owner)
-    for w in dynamic:
-        if w.name in allocated:
+    for w in by_name:
+        if w.name in allocated or w.spec.ip is not None:
             continue
         ip = next(free, None)
         if ip is None:

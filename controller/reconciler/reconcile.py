@@ -235,7 +235,8 @@ class Reconciler:
             network=name, node=self.ctx.node_id, publicKey=public_key, listenPort=port,
             endpoints=list(self.ctx.endpoints), subnet=own.subnet))
         await self._publish_status(network, conditions)
-        await self._publish_workloads(network, workloads, allocations, workload_problems)
+        await self._publish_workloads(network, workloads, allocations, workload_problems,
+                                      unaddressed=set(ip_problems))
         await self._forget_stale_workload_statuses(name, {w.name for w in workloads} | set(kept))
         self.metrics.wireguard_peers.labels(network=name).set(len(desired.peers))
         if attach_problems:
@@ -435,12 +436,14 @@ class Reconciler:
         except ValueError:
             return None
 
-    async def _publish_workloads(self, network: Network, workloads, allocations, problems) -> None:
+    async def _publish_workloads(self, network: Network, workloads, allocations, problems,
+                                 unaddressed: set[str] = frozenset()) -> None:
         for w in workloads:
             problem = problems.get(w.name)
+            failed = "AddressUnavailable" if w.name in unaddressed else "AttachFailed"
             await self._publish_workload(w.name, Condition(
                 type="Ready", status="False" if problem else "True",
-                reason="AttachFailed" if problem else "Attached",
+                reason=failed if problem else "Attached",
                 message=(problem or f"attached to network {network.name}")[:MAX_MESSAGE]),
                 network=network.name, generation=w.metadata.generation or 0,
                 ip=allocations.get(w.name))

@@ -66,11 +66,28 @@ def test_previous_allocations_stay_stable_when_lower_addresses_free_up():
     assert ips == {"b": A("10.1.1.5"), "c": A("10.1.1.2")}
 
 
-def test_a_fixed_ip_wins_over_a_previous_dynamic_allocation():
+def test_a_later_fixed_ip_never_takes_the_address_of_a_running_workload():
+    # The renumbering bug: pinning an address the node had allocated used to move its holder.
     previous = {"dyn": A("10.1.1.2")}
     ips, problems = allocate_workload_ips(SUBNET, [workload("dyn"), workload("fix", "10.1.1.2")], previous)
-    assert ips == {"fix": A("10.1.1.2"), "dyn": A("10.1.1.3")}
-    assert problems == {}
+    assert ips == {"dyn": A("10.1.1.2")}
+    assert problems == {"fix": "ip 10.1.1.2 is already used by workload 'dyn'"}
+
+
+def test_the_later_fixed_ip_gets_its_address_once_the_holder_is_gone():
+    ips, problems = allocate_workload_ips(SUBNET, [workload("fix", "10.1.1.2")], {"dyn": A("10.1.1.2")})
+    assert ips == {"fix": A("10.1.1.2")} and problems == {}
+
+
+def test_a_workload_that_pins_another_address_releases_the_one_it_held():
+    previous = {"a": A("10.1.1.2")}
+    ips, problems = allocate_workload_ips(SUBNET, [workload("a", "10.1.1.5"), workload("b", "10.1.1.2")], previous)
+    assert ips == {"a": A("10.1.1.5"), "b": A("10.1.1.2")} and problems == {}
+
+
+def test_a_new_dynamic_workload_never_gets_an_address_someone_pins():
+    ips, _ = allocate_workload_ips(SUBNET, [workload("a"), workload("pinned", "10.1.1.2")], {})
+    assert ips == {"pinned": A("10.1.1.2"), "a": A("10.1.1.3")}
 
 
 def test_duplicate_fixed_ip_goes_to_the_workload_that_holds_it_and_the_other_is_reported():
