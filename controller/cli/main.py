@@ -1,7 +1,8 @@
 """`zmesh`, the command line of Zero-Mesh, and `zmeshd`, the node agent's entry point.
 
-Every command prints results on stdout and problems on stderr, one line each, and exits
-non-zero on error; nothing ends in a traceback (set ZMESH_DEBUG=1 to see one).
+The error contract (docs/cli.md): results on stdout; every problem one line on stderr prefixed
+`zmesh: `; exit 0 ok, 1 failed, 2 usage (argparse's errors included), 130 interrupted. Nothing
+ends in a traceback (set ZMESH_DEBUG=1 to see one).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import difflib
 import inspect
 import os
 import socket
@@ -16,9 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from controller.models.manifest import ManifestError, parse_object, split_documents, to_json
-from controller.models.resources import Network, PortRange, Workload
-from controller.models.validation import unknown_nodes, workload_problems
+from controller.models.resources import Network
 from controller.store.access import ConfigError, EtcdAccess, read_password_file
 from controller.reconciler.config import (
     DEFAULT_METRICS_ADDR,
@@ -34,22 +34,30 @@ from controller.reconciler.config import (
 )
 
 from . import output
-from .store import StoreView, cannot_reach, is_store_error, open_store
+from .manifests import SPEC_KINDS, read_manifests
+from .store import InvalidObject, StoreView, cannot_reach, is_store_error, open_store
 
-EXIT_OK, EXIT_ERROR = 0, 1  # argparse exits 2 on usage errors
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-# `get`/`delete` accept kubectl-style singular, plural and short kind names.
+# kubectl-style singular, plural and short kind names.
 KIND_ALIASES = {
     "network": "Network", "networks": "Network", "net": "Network", "nets": "Network",
     "workload": "Workload", "workloads": "Workload", "wl": "Workload",
     "node": "Node", "nodes": "Node",
 }
-APPLY_KINDS = ("Network", "Workload")
-APPLY_ATTEMPTS = 10  # passes of validate-then-write while other applies keep winning the race
+APPLY_ATTEMPTS = 10  # rounds of review-then-write while other writers of a network keep winning
 
 
 class CliError(Exception):
-    """An error to print as one line (prefixed `zmesh: `) with a non-zero exit."""
+    """An error to print as one line (prefixed `zmesh: `), exit 1."""
+
+    code = EXIT_ERROR
+
+
+class UsageError(CliError):
+    """The command line itself is wrong (a bad flag value, a kind that cannot be used): exit 2."""
+
+    code = EXIT_USAGE
 
 
 class Problems(Exception):
@@ -63,9 +71,32 @@ class Problems(Exception):
 # --- argument parsing -----------------------------------------------------------------------
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the error contract: a usage error is one `zmesh: ` line and exit 2. No
+    abbreviations: `--etcd-password SECRET` must be an unknown flag, never an abbreviation of
+    --etcd-password-file (whose error would echo the "path")."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        root = self.prog.split()[0]
+        self.exit(EXIT_USAGE, f"{root}: {message} (see '{self.prog} --help')\n")
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("zero-mesh")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def _connection_options(parser: argparse.ArgumentParser, top: bool) -> None:
-    # Accepted before and after the subcommand; SUPPRESS below the top keeps a value given
-    # before the subcommand from being overwritten by the subparser's default.
+    # Accepted before and after the command; SUPPRESS below the top keeps a value given before
+    # the command from being overwritten by the command's default.
     d = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
     parser.add_argument("--etcd", action="append", metavar="HOST:PORT[,HOST:PORT...]", default=d(None),
                         help="etcd endpoints, comma-separated or repeated "
@@ -112,27 +143,41 @@ def _workers(text: str) -> int:
     return int(text)
 
 
-def _output_option(parser: argparse.ArgumentParser, choices=("table", "json", "yaml")) -> None:
+def _kind(allowed: Sequence[str]):
+    """An argparse type: a kind name or alias among `allowed`, with a suggestion for a typo."""
+    def convert(text: str) -> str:
+        kind = KIND_ALIASES.get(text.lower())
+        if kind in allowed:
+            return kind
+        names = [k for k, v in KIND_ALIASES.items() if v in allowed]
+        guess = difflib.get_close_matches(text.lower(), names, n=1, cutoff=0.75)
+        hint = f" (did you mean {guess[0]}?)" if guess else ""
+        raise argparse.ArgumentTypeError(
+            f"unknown kind {text!r}{hint}: use {' | '.join(k.lower() + 's' for k in allowed)}")
+    convert.__name__ = "kind"
+    return convert
+
+
+def _output_option(parser: argparse.ArgumentParser, choices=("table", "wide", "name", "json", "yaml")) -> None:
     parser.add_argument("-o", "--output", choices=choices, default=choices[0],
-                        help=f"output format (default: {choices[0]})")
+                        help=f"output format: {', '.join(choices)} (default: {choices[0]})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # allow_abbrev=False everywhere: `--etcd-password SECRET` must be an unknown flag, never an
-    # abbreviation of --etcd-password-file (whose error would echo the "path").
-    p = argparse.ArgumentParser(
-        allow_abbrev=False,
+    p = Parser(
         prog="zmesh",
         description="Zero-Mesh: encrypted WireGuard overlay networks, desired state in etcd.",
         epilog="Run 'zmesh COMMAND --help' for the options of a command.",
     )
+    p.add_argument("--version", action="version", version=f"zmesh {package_version()}")
     _connection_options(p, top=True)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
 
-    def add(name, help_, **kw):
-        sp = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False, **kw)
-        _connection_options(sp, top=False)
+    def add(name, help_, connection=True, **kw):
+        sp = sub.add_parser(name, help=help_, description=help_, **kw)
+        if connection:
+            _connection_options(sp, top=False)
         return sp
 
     ap = add("apply", "Validate manifests (YAML or JSON) and write them to etcd; all or nothing.")
@@ -141,48 +186,51 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dry-run", action="store_true", help="validate only, write nothing")
 
     gp = add("get", "List networks, workloads or nodes (or show one).")
-    gp.add_argument("kind", choices=sorted(KIND_ALIASES), metavar="KIND",
+    gp.add_argument("kind", type=_kind(("Network", "Workload", "Node")), metavar="KIND",
                     help="networks | workloads | nodes")
     gp.add_argument("name", nargs="?", help="only this object")
+    gp.add_argument("--network", metavar="NETWORK", help="only workloads or nodes of this network")
+    gp.add_argument("--node", metavar="NODE", help="only workloads or networks on this node")
     _output_option(gp)
 
-    dp = add("describe", "Show one network or workload in detail, with the status of every node.")
-    dp.add_argument("kind", choices=sorted(k for k, v in KIND_ALIASES.items() if v != "Node"),
-                    metavar="KIND", help="network | workload")
+    dp = add("describe", "Show one network or workload in detail, with what every node reports.")
+    dp.add_argument("kind", type=_kind(SPEC_KINDS), metavar="KIND", help="network | workload")
     dp.add_argument("name")
     _output_option(dp, ("text", "json", "yaml"))
 
     xp = add("delete", "Delete networks or workloads by name or by the manifests in files.")
-    xp.add_argument("kind", nargs="?", metavar="KIND", help="network | workload")
+    xp.add_argument("kind", nargs="?", type=_kind(SPEC_KINDS), metavar="KIND", help="network | workload")
     xp.add_argument("name", nargs="*", help="names to delete")
     xp.add_argument("-f", "--filename", action="append", metavar="FILE",
-                    help="delete every object named in this manifest file ('-' for stdin)")
+                    help="delete every object named in this manifest file ('-' for stdin); repeatable")
     xp.add_argument("--ignore-not-found", action="store_true", help="a missing object is not an error")
 
     sp = add("status", "Overview: which nodes are alive and which networks are ready.")
-    _output_option(sp)
+    _output_option(sp, ("table", "json", "yaml"))
 
-    agent = sub.add_parser("agent", allow_abbrev=False, help="Run the node agent (same as zmeshd).",
-                           description="Run the node agent: reconcile this node's network resources.")
-    add_agent_options(agent)
+    vp = add("version", "Print the version of zmesh.", connection=False)
+    _output_option(vp, ("text", "json"))
 
-    purge = sub.add_parser(
-        "purge", allow_abbrev=False, help="Remove every network resource an agent made on this node (no etcd needed).",
-        description="Remove every NR namespace, wireguard-go process, socket and private key that "
-                    "the agent with this state dir and name prefix made, as recorded in its state "
-                    "dir. Stop the agent first. For decommissioning a node; nothing else is touched.")
+    agent = add("agent", "Run the node agent (same as zmeshd).", connection=False)
+    agent.description = "Run the node agent: reconcile this node's network resources."
+    add_agent_options(agent, top=False)
+
+    purge = add("purge", "Remove every network resource an agent made on this node (no etcd needed).",
+                connection=False)
+    purge.description = ("Remove every NR namespace, wireguard-go process, socket and private key that "
+                         "the agent with this state dir and name prefix made, as recorded in its state "
+                         "dir. Stop the agent first. For decommissioning a node; nothing else is touched.")
     purge.add_argument("--state-dir", required=True, metavar="DIR", help="the agent's --state-dir")
     purge.add_argument("--name-prefix", default="", metavar="PREFIX", help="the agent's --name-prefix")
 
-    auth = sub.add_parser(
-        "auth", allow_abbrev=False, help="Set up etcd users and roles: admins, one user per node.",
-        description="Set up etcd authentication for Zero-Mesh (docs/operations.md, 'etcd: TLS and "
+    auth = add("auth", "Set up etcd users and roles: admins, one user per node.", connection=False)
+    auth.description = ("Set up etcd authentication for Zero-Mesh (docs/operations.md, 'etcd: TLS and "
                     "roles'). Passwords are read from files, never from the command line.")
-    auth_sub = auth.add_subparsers(dest="auth_command", metavar="COMMAND")
+    auth_sub = auth.add_subparsers(dest="auth_command", metavar="COMMAND", parser_class=Parser)
     auth_sub.required = True
 
     def add_auth(name, help_):
-        ap_ = auth_sub.add_parser(name, help=help_, description=help_, allow_abbrev=False)
+        ap_ = auth_sub.add_parser(name, help=help_, description=help_)
         _connection_options(ap_, top=False)
         return ap_
 
@@ -205,21 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--identity", default=None, help="name in the leader key (default: the host name)")
     ix.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
 
-    demo = sub.add_parser("demo", allow_abbrev=False, help="Build a simulated multi-node world and show the mesh working.",
-                          description="Run the demo on namespaces of this machine (needs root). "
-                                      "Without --etcd it starts a private etcd.")
+    demo = add("demo", "Build a simulated multi-node world and show the mesh working.", connection=False)
+    demo.description = ("Run the demo on namespaces of this machine (needs root). "
+                        "Without --etcd it starts a private etcd.")
     demo.add_argument("--etcd", action="append", default=argparse.SUPPRESS, metavar="HOST:PORT",
-                      help="use this etcd instead of a private one")
+                      help="use this etcd instead of a private one (under a private prefix)")
+    demo.add_argument("--world-prefix", metavar="ID", default=None,
+                      help="the prefix of every namespace, link and socket name the demo makes "
+                           "(1-3 lower-case letters or digits, starting with a letter; default: random)")
     demo.add_argument("--keep", action="store_true", help="keep the world running until Ctrl-C")
     return p
 
 
-def add_agent_options(p: argparse.ArgumentParser) -> None:
+def add_agent_options(p: argparse.ArgumentParser, top: bool = True) -> None:
     p.add_argument("--node-id", required=True, help="this node's name (as in network manifests)")
-    p.add_argument("--etcd", action="append", metavar="HOST:PORT[,HOST:PORT...]",
-                   help="etcd endpoints, comma-separated or repeated (default: $ZMESH_ETCD, else 127.0.0.1:2379)")
-    _etcd_security_options(p, lambda v: v)
-    p.add_argument("--prefix", default=None, help="etcd key prefix (default: $ZMESH_PREFIX, else /zmesh/)")
+    _connection_options(p, top=top)
     p.add_argument("--host-netns", default=None, metavar="NAME",
                    help="namespace playing the node's host (default: the agent's own)")
     p.add_argument("--name-prefix", default="", help="prefix of every name the agent creates (default: none)")
@@ -242,21 +290,24 @@ def add_agent_options(p: argparse.ArgumentParser) -> None:
 
 
 def agent_config(args: argparse.Namespace) -> AgentConfig:
-    """Flags → AgentConfig; a bad value raises CliError naming the flag."""
+    """Flags → AgentConfig; a bad value raises UsageError naming the flag."""
+    from controller.models.resources import PortRange
+
     def conv(flag, fn, value):
         try:
             return fn(value)
         except ValueError as e:
-            raise CliError(f"{flag}: {e}") from None
+            raise UsageError(f"{flag}: {e}") from None
 
     host, port = conv("--metrics-addr", parse_host_port, args.metrics_addr)
+    _endpoints, prefix, timeout = connection(args)
     access = etcd_access(args)
     return AgentConfig(
         node_id=conv("--node-id", parse_node_id, args.node_id),
         etcd=access.endpoints,
         etcd_cacert=access.cacert, etcd_cert=access.cert, etcd_key=access.key,
         etcd_user=access.user, etcd_password_file=access.password_file,
-        prefix=_prefix(args.prefix),
+        prefix=prefix,
         host_netns=args.host_netns,
         name_prefix=args.name_prefix,
         state_dir=args.state_dir,
@@ -266,6 +317,7 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
         metrics_host=host,
         metrics_port=port,
         log_level=args.log_level,
+        etcd_timeout=timeout,
         indexer=args.indexer,
         reconcile_workers=args.reconcile_workers,
     )
@@ -274,177 +326,135 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
 def _prefix(value: str | None) -> str:
     prefix = value or os.environ.get("ZMESH_PREFIX") or DEFAULT_PREFIX
     if not prefix.startswith("/"):
-        raise CliError(f"--prefix: {prefix!r} must start with '/'")
+        raise UsageError(f"--prefix: {prefix!r} must start with '/'")
     return prefix
 
 
 def connection(args: argparse.Namespace) -> tuple[list[str], str, float]:
     try:
-        endpoints = split_endpoints(args.etcd)
+        endpoints = split_endpoints(getattr(args, "etcd", None))
     except ValueError as e:
-        raise CliError(f"--etcd: {e}") from None
-    return endpoints, _prefix(args.prefix), args.timeout
+        raise UsageError(f"--etcd: {e}") from None
+    return endpoints, _prefix(getattr(args, "prefix", None)), getattr(args, "timeout", 5.0)
 
 
 def etcd_access(args: argparse.Namespace) -> EtcdAccess:
     """Endpoints, TLS files and credentials from the flags, else their environment variables."""
     try:
-        endpoints = split_endpoints(args.etcd)
+        endpoints = split_endpoints(getattr(args, "etcd", None))
     except ValueError as e:
-        raise CliError(f"--etcd: {e}") from None
+        raise UsageError(f"--etcd: {e}") from None
     values = {dest: getattr(args, dest, None) or os.environ.get(env) or None
               for dest, (_flag, _m, env, _h) in ETCD_SECURITY_FLAGS.items()}
     try:
         return EtcdAccess(endpoints, cacert=values["etcd_cacert"], cert=values["etcd_cert"],
                           key=values["etcd_key"], user=values["etcd_user"],
                           password_file=values["etcd_password_file"])
-    except ConfigError as e:
-        raise CliError(str(e)) from None
-
-
-# --- reading manifests ----------------------------------------------------------------------
-
-
-def read_manifests(files: Sequence[str], stdin=None) -> tuple[list, list[str], set[tuple[str, str]]]:
-    """Parse every document of every file: (objects, problems, broken), each problem one line;
-    `broken` holds (kind, name) of documents that name an object but are invalid."""
-    objects, problems, broken = [], [], set()
-    for f in files:
-        if f == "-":
-            source, text = "<stdin>", (stdin or sys.stdin).read()
-        else:
-            source = f
-            try:
-                text = Path(f).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                problems.append(f"{f}: cannot read: {getattr(e, 'strerror', None) or e}")
-                continue
-        try:
-            docs = split_documents(text, source)
-        except ManifestError as e:
-            problems += str(e).splitlines()
-            continue
-        if not docs:
-            problems.append(f"{source}: no documents")
-        for d in docs:
-            try:
-                objects.append(parse_object(d.data, d.where, APPLY_KINDS))
-            except ManifestError as e:
-                problems += str(e).splitlines()
-                ref = _kind_and_name(d.data)
-                if ref:
-                    broken.add(ref)
-    return objects, problems, broken
-
-
-def _kind_and_name(data: object) -> tuple[str, str] | None:
-    """(kind, metadata.name) of a decoded document, even an invalid one."""
-    if not isinstance(data, dict) or data.get("kind") not in APPLY_KINDS:
-        return None
-    meta = data.get("metadata")
-    name = meta.get("name") if isinstance(meta, dict) else None
-    return (data["kind"], name) if isinstance(name, str) else None
-
-
-def _ref(obj) -> str:
-    return f"{obj.kind.lower()}/{obj.name}"
-
-
-def cross_problems(objects: list, networks: dict[str, Network], workloads: dict[str, Workload],
-                   registered: set[str], broken: set[tuple[str, str]] = frozenset()) -> list[str]:
-    """Rules between objects: the new ones against each other and against what etcd holds.
-    `networks`/`workloads` are the current contents of etcd by name; workloads of a network
-    whose new document is `broken` are not judged (its own problems are reported already)."""
-    problems: list[str] = []
-    seen: set[tuple[str, str]] = set()
-    for o in objects:
-        if (o.kind, o.name) in seen:
-            problems.append(f"{_ref(o)}: defined more than once in the input")
-        seen.add((o.kind, o.name))
-    new_nets = {o.name: o for o in objects if isinstance(o, Network)}
-    new_wls = {o.name: o for o in objects if isinstance(o, Workload)}
-    after_nets = {**networks, **new_nets}
-    after_wls = {**workloads, **new_wls}
-    for net in new_nets.values():
-        problems += [f"{_ref(net)}: {p}" for p in unknown_nodes(net, registered)]
-    # New workloads, and workloads already in etcd whose network changes, must fit the result.
-    for w in after_wls.values():
-        if w.name not in new_wls and w.spec.network not in new_nets:
-            continue
-        if ("Network", w.spec.network) in broken:
-            continue
-        ps = workload_problems(w, after_nets.get(w.spec.network), after_wls.values())
-        if w.name in new_wls:
-            problems += [f"{_ref(w)}: {p}" for p in ps]
-        else:
-            problems += [f"network/{w.spec.network}: existing workload/{w.name} would become invalid: {p}"
-                         for p in ps]
-    return problems
+    except ConfigError as e:  # flags that do not go together
+        raise UsageError(str(e)) from None
 
 
 # --- commands -------------------------------------------------------------------------------
 
 
 async def cmd_apply(args, store: StoreView) -> int:
-    from controller.store.client import StaleView  # lazy: gRPC only for commands that need it
+    from controller.admission import changed_items, review
+    from controller.store.client import StaleView, StoreError  # lazy: gRPC only where needed
 
-    objects, problems, broken = read_manifests(args.filename)
-    results: dict[tuple[str, str], str] = {}  # what each object's apply did, across passes
+    read = args.manifests
+    # Networks first: a workload is only valid once its network exists.
+    items = sorted(read.items, key=lambda it: SPEC_KINDS.index(it.obj.kind))
+    results: dict[tuple[str, str], str] = {}  # what each object's apply did, across rounds
+    written: set[tuple[str, str]] = set()
+    succeeded = False
     try:
         for _attempt in range(APPLY_ATTEMPTS):
-            # The guard is read before the specs and compared by every write: if another apply
-            # wrote in between, our validation is stale and is done again on fresh data.
-            guard = await store.specs_revision()
-            networks, workloads = await store.networks(), await store.workloads()
-            found = problems + cross_problems(objects, {n.name: n for n in networks},
-                                              {w.name: w for w in workloads},
-                                              await store.registered_nodes(), broken)
+            snap = await store.snapshot(items)
+            found = read.problems + [str(p) for p in review(items, snap, read.broken)]
             if found:
-                raise Problems(found + [f"nothing applied: {len(found)} problem(s)"])
-            current = {("Network", n.name): n for n in networks} | {("Workload", w.name): w for w in workloads}
+                done = (f"stopped after writing {len(written)} object(s)" if written
+                        else "nothing applied")
+                raise Problems(found + [f"{done}: {len(found)} problem(s)"])
+            todo = changed_items(items, snap)
+            for it in todo:
+                results[it.key] = "configured" if snap.stored(it.key).exists else "created"
+            if args.dry_run:
+                succeeded = True
+                return EXIT_OK
             try:
-                # Networks first: a workload is only valid once its network exists.
-                for obj in sorted(objects, key=lambda o: APPLY_KINDS.index(o.kind)):
-                    key = (obj.kind, obj.name)
-                    old = current.get(key)
-                    if old is not None and to_json(old) == to_json(obj):
-                        results.setdefault(key, "unchanged")  # or what an earlier pass did
-                        continue
-                    if not args.dry_run:
-                        guard = await store.apply(obj, guard)
-                    results[key] = "created" if old is None else "configured"
+                await store.write(todo, snap, lambda it, _rev: written.add(it.key))
             except StaleView:
-                continue  # what we wrote stays (it was valid) and reads as unchanged next pass
+                continue  # what we wrote stays (it was valid) and reads as unchanged next round
+            except StoreError as e:
+                if not written:
+                    raise
+                raise CliError(f"{' '.join(str(e).split())} (stopped after writing {len(written)} "
+                               "object(s); applying the same files again completes it)") from None
+            succeeded = True
             return EXIT_OK
         raise CliError(f"the specs kept changing while applying ({APPLY_ATTEMPTS} attempts); try again")
     finally:
-        for obj in sorted(objects, key=lambda o: APPLY_KINDS.index(o.kind)):
-            result = results.get((obj.kind, obj.name))
-            if result is not None:
-                dry = " (dry run)" if args.dry_run and result != "unchanged" else ""
-                print(f"{_ref(obj)} {result}{dry}")
+        # Each object once, in input order: what was written, and at success what needed nothing.
+        for key in dict.fromkeys(it.key for it in items):
+            if key in written or (succeeded and not args.dry_run):
+                print(f"{key[0].lower()}/{key[1]} {results[key] if key in written else 'unchanged'}")
+            elif succeeded:
+                result = results.get(key, "unchanged")
+                print(f"{key[0].lower()}/{key[1]} {result}" + (" (dry run)" if result != "unchanged" else ""))
 
 
 async def cmd_get(args, store: StoreView) -> int:
-    kind = KIND_ALIASES[args.kind]
+    kind = args.kind
+    if args.network and kind == "Network":
+        raise UsageError("get networks: --network does not apply (give the NAME instead)")
+    if args.node and kind == "Node":
+        raise UsageError("get nodes: --node does not apply (give the NAME instead)")
+    wide = args.output == "wide"
     if kind == "Network":
-        views = [v for v in await store.network_views() if not args.name or v.network.name == args.name]
-        objs, render = [v.network for v in views], lambda: output.networks_table(views)
+        networks, invalid = await store.listing("Network")
+        keep = lambda name, nodes: ((not args.name or name == args.name)  # noqa: E731
+                                    and (not args.node or args.node in nodes))
+        views = await store.network_views([n for n in networks if keep(n.name, n.spec.nodes)])
+        invalid = [o for o in invalid if keep(o.name, o.nodes)]
+        objs = [v.network for v in views]
+        render = lambda: output.networks_table(views, invalid, wide=wide)  # noqa: E731
     elif kind == "Workload":
-        views = [v for v in await store.workload_views() if not args.name or v.workload.name == args.name]
-        objs, render = [v.workload for v in views], lambda: output.workloads_table(views)
+        workloads, invalid = await store.listing("Workload")
+
+        def keep(name, network, node):
+            return ((not args.name or name == args.name) and (not args.network or network == args.network)
+                    and (not args.node or node == args.node))
+        views = await store.workload_views([w for w in workloads if keep(w.name, w.spec.network, w.spec.node)])
+        invalid = [o for o in invalid if keep(o.name, args.network, (o.nodes or [None])[0])]
+        objs = [v.workload for v in views]
+        render = lambda: output.workloads_table(views, invalid, wide=wide)  # noqa: E731
     else:
-        views = [v for v in await store.nodes() if not args.name or v.node.name == args.name]
-        objs, render = [v.node for v in views], lambda: output.nodes_table(views)
-    if args.name and not objs:
+        members = None
+        if args.network:
+            net = await store.lookup("Network", args.network)
+            members = set(net.spec.nodes) if isinstance(net, Network) else set()
+        views = [v for v in await store.nodes()
+                 if (not args.name or v.node.name == args.name) and (members is None or v.node.name in members)]
+        unreadable = [n for n in await store.invalid_nodes(views) if not args.name or n == args.name]
+        if unreadable:
+            store.warnings.append(f"{len(unreadable)} node registration(s) in etcd cannot be read: "
+                                  f"{', '.join(unreadable)}")
+        invalid = []
+        objs = [v.node for v in views]
+        render = lambda: output.nodes_table(views, wide=wide)  # noqa: E731
+    store.warn_invalid(kind, invalid)
+    if args.name and not objs and not invalid:
         raise CliError(f"{kind.lower()}/{args.name} not found")
-    if args.output == "table":
-        if objs:
+    if args.output in ("table", "wide"):
+        if objs or invalid:
             print(render())
         else:
             print(f"No {kind.lower()}s found.", file=sys.stderr)
+    elif args.output == "name":
+        for name in sorted([o.name for o in objs] + [o.name for o in invalid]):
+            print(f"{kind.lower()}/{name}")
     else:
-        items = [output.manifest(o) for o in objs]
+        items = [output.manifest(o) for o in objs] + [output.invalid_manifest(o) for o in invalid]
         if kind == "Node":  # written by agents, never applied: liveness can ride along
             for item, v in zip(items, views):
                 item["status"] = {"alive": v.alive}
@@ -453,23 +463,25 @@ async def cmd_get(args, store: StoreView) -> int:
 
 
 async def cmd_describe(args, store: StoreView) -> int:
-    kind = KIND_ALIASES[args.kind]
-    if kind == "Network":
-        view = await store.network_view(args.name)
-        if view is None:
-            raise CliError(f"network/{args.name} not found")
+    found = await store.lookup(args.kind, args.name)
+    if found is None:
+        raise CliError(f"{args.kind.lower()}/{args.name} not found")
+    if isinstance(found, InvalidObject):
+        return await _describe_invalid(args, store, found)
+    if args.kind == "Network":
+        view = await store.network_view(found)
+        workloads = await store.workload_views([w for w in await store.workloads() if w.spec.network == found.name])
         if args.output == "text":
             nodes = {v.node.name: v for v in await store.nodes()}
-            print(output.describe_network(view, nodes))
+            print(output.describe_network(view, nodes, workloads))
             return EXIT_OK
         data = output.manifest(view.network)
         data["status"] = {"readyResources": view.ready_count, "ready": view.ready,
                           "resources": [output.manifest(s) for s in view.statuses.values()],
-                          "facts": [output.manifest(f) for f in view.facts.values()]}
+                          "workloads": [{"name": v.workload.name, "node": v.workload.spec.node,
+                                         "ready": v.ready_text, "reason": v.reason} for v in workloads]}
     else:
-        view = await store.workload_view(args.name)
-        if view is None:
-            raise CliError(f"workload/{args.name} not found")
+        view = (await store.workload_views([found]))[0]
         if args.output == "text":
             print(output.describe_workload(view))
             return EXIT_OK
@@ -479,68 +491,62 @@ async def cmd_describe(args, store: StoreView) -> int:
     return EXIT_OK
 
 
+async def _describe_invalid(args, store: StoreView, obj: InvalidObject) -> int:
+    """An invalid value is shown with its problems and what its nodes report about it."""
+    if args.kind == "Network":
+        reports = {n: st.conditions for n, st in (await store.nr_statuses(obj.name, obj.nodes)).items()}
+    else:
+        reports = {n: st.conditions for n in obj.nodes for st in (await store.statuses_on([(n, obj.name)])).values()}
+    if args.output == "text":
+        print(output.describe_invalid(obj, reports))
+    else:
+        print(output.dump(output.invalid_manifest(obj), args.output))
+    return EXIT_OK
+
+
 async def cmd_delete(args, store: StoreView) -> int:
-    targets: list[tuple[str, str]] = []
     if args.filename:
-        if args.kind or args.name:
-            raise CliError("delete: give either KIND NAME... or -f FILE, not both")
-        targets = _names_in_files(args.filename)
+        targets = args.targets
     else:
         if not args.kind or not args.name:
-            raise CliError("delete: give KIND NAME... (e.g. 'zmesh delete network blue') or -f FILE")
-        kind = KIND_ALIASES.get(args.kind.lower())
-        if kind not in APPLY_KINDS:
-            raise CliError(f"delete: cannot delete {args.kind!r}: use network or workload")
-        targets = [(kind, n) for n in args.name]
-    # Workloads before networks, so nothing is left pointing at a deleted network.
-    targets.sort(key=lambda t: -APPLY_KINDS.index(t[0]))
-    missing = []
-    for kind, name in targets:
-        if await store.delete(kind, name):
-            print(f"{kind.lower()}/{name} deleted")
-        elif not args.ignore_not_found:
-            missing.append(f"{kind.lower()}/{name} not found")
-    deleted_nets = {n for k, n in targets if k == "Network"}
+            raise UsageError("delete: give KIND NAME... (e.g. 'zmesh delete network blue') or -f FILE")
+        targets = [(args.kind, n) for n in args.name]
+    # Each object once, however often the files name it; workloads before networks, so that
+    # nothing is left pointing at a deleted network if the deletion is split.
+    targets = sorted(dict.fromkeys(targets), key=lambda t: -SPEC_KINDS.index(t[0]))
+    deleted = await store.delete(targets, lambda key: print(f"{key[0].lower()}/{key[1]} deleted"))
+    missing = [f"{kind.lower()}/{name} not found" for kind, name in targets if (kind, name) not in deleted]
+    deleted_nets = {n for k, n in deleted if k == "Network"}
     if deleted_nets:
         for w in await store.workloads():
             if w.spec.network in deleted_nets:
                 print(f"zmesh: warning: workload/{w.name} still refers to deleted network/{w.spec.network}",
                       file=sys.stderr)
-    if missing:
+    if missing and not args.ignore_not_found:
         raise Problems(missing)
     return EXIT_OK
 
 
 def _names_in_files(files: Sequence[str]) -> list[tuple[str, str]]:
     """(kind, name) of every document; specs need not be valid to be deleted."""
-    out, problems = [], []
-    for f in files:
-        try:
-            text = sys.stdin.read() if f == "-" else Path(f).read_text(encoding="utf-8")
-            docs = split_documents(text, "<stdin>" if f == "-" else f)
-        except OSError as e:
-            problems.append(f"{f}: cannot read: {e.strerror or e}")
-            continue
-        except ManifestError as e:
-            problems += str(e).splitlines()
-            continue
-        for d in docs:
-            ref = _kind_and_name(d.data)
-            if ref:
-                out.append(ref)
-            else:
-                problems.append(f"{d.where}: no kind (Network or Workload) and metadata.name to delete")
+    read = read_manifests(files)
+    problems = read.unreadable + [f"{where}: no kind (Network or Workload) and metadata.name to delete"
+                                  for where in read.unnamed]
     if problems:
         raise Problems(problems)
-    return out
+    return read.named
 
 
 async def cmd_status(args, store: StoreView) -> int:
-    nodes, networks = await store.nodes(), await store.network_views()
+    nodes = await store.nodes()
+    networks, bad_networks = await store.listing("Network")
+    workloads, bad_workloads = await store.listing("Workload")
+    invalid = {"Node": await store.invalid_nodes(nodes), "Network": bad_networks, "Workload": bad_workloads}
+    views, wl_views = await store.network_views(networks), await store.workload_views(workloads)
     if args.output == "table":
-        print(output.status_text(nodes, networks))
+        print(output.status_text(nodes, views, wl_views, invalid))
     else:
-        print(output.dump(output.status_dict(nodes, networks), args.output))
+        print(output.dump(output.status_dict(nodes, views, wl_views, invalid), args.output))
     return EXIT_OK
 
 
@@ -573,12 +579,16 @@ def _run_agent(args) -> int:
 
 
 def _run_demo(args) -> int:
+    from controller.sim.world import world_id_problem
+
     # Only an explicit --etcd means "use that etcd"; otherwise the demo starts its own.
     etcd = getattr(args, "etcd", None)
     try:
         args.etcd = split_endpoints(etcd) if etcd else None
     except ValueError as e:
-        raise CliError(f"--etcd: {e}") from None
+        raise UsageError(f"--etcd: {e}") from None
+    if args.world_prefix is not None and (problem := world_id_problem(args.world_prefix)):
+        raise UsageError(f"--world-prefix: {problem}")
     from controller.sim.demo import run_demo  # lazy: needs root and the simulator
     return _call(run_demo, args)
 
@@ -589,7 +599,7 @@ def _run_purge(args) -> int:
 
     problems = prefix_problems(args.name_prefix)
     if problems:
-        raise CliError(f"--name-prefix: {problems[0]}")
+        raise UsageError(f"--name-prefix: {problems[0]}")
     if not os.path.isdir(args.state_dir):
         raise CliError(f"--state-dir {args.state_dir}: no such directory")
     removed = asyncio.run(purge_node(state_dir=args.state_dir, name_prefix=args.name_prefix))
@@ -635,7 +645,7 @@ def conv_node_id(text: str) -> str:
     try:
         return parse_node_id(text)
     except ValueError as e:
-        raise CliError(str(e)) from None
+        raise UsageError(str(e)) from None
 
 
 def logging_quiet() -> None:
@@ -653,17 +663,27 @@ def _run_indexer(args) -> int:
                  args.log_level, timeout)
 
 
+def _run_version(args) -> int:
+    if args.output == "json":
+        print(output.dump({"zmesh": package_version()}, "json"))
+    else:
+        print(f"zmesh {package_version()}")
+    return EXIT_OK
+
+
 def _dispatch(args) -> int:
-    if args.command == "agent":
-        return _run_agent(args)
-    if args.command == "auth":
-        return asyncio.run(_run_auth(args))
-    if args.command == "indexer":
-        return _run_indexer(args)
-    if args.command == "purge":
-        return _run_purge(args)
-    if args.command == "demo":
-        return _run_demo(args)
+    run = {"agent": _run_agent, "purge": _run_purge, "demo": _run_demo, "version": _run_version,
+           "auth": lambda a: asyncio.run(_run_auth(a)), "indexer": _run_indexer}.get(args.command)
+    if run is not None:
+        return run(args)
+    connection(args)  # a bad flag is a usage error before anything is read
+    # Files (and stdin) are read before etcd is: a slow pipe or Ctrl-C then waits for nobody.
+    if args.command == "apply":
+        args.manifests = read_manifests(args.filename)
+    elif args.command == "delete" and args.filename:
+        if args.kind or args.name:
+            raise UsageError("delete: give either KIND NAME... or -f FILE, not both")
+        args.targets = _names_in_files(args.filename)
     return asyncio.run(_run_store_command(args))
 
 
@@ -675,7 +695,10 @@ def _guard(fn, args, endpoints_hint: str, prog: str = "zmesh") -> int:
         for line in e.lines:
             print(f"{prog}: {line}", file=sys.stderr)
         return EXIT_ERROR
-    except (CliError, ConfigError) as e:
+    except CliError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return e.code
+    except ConfigError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:
@@ -684,7 +707,7 @@ def _guard(fn, args, endpoints_hint: str, prog: str = "zmesh") -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as e:  # the one place that keeps tracebacks away from users
         if os.environ.get("ZMESH_DEBUG"):
             raise
@@ -720,7 +743,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def agent_main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="zmeshd", allow_abbrev=False, description="Zero-Mesh node agent.")
+    p = Parser(prog="zmeshd", description="Zero-Mesh node agent.")
+    p.add_argument("--version", action="version", version=f"zmeshd {package_version()}")
     add_agent_options(p)
     _quiet_grpc()
     args = p.parse_args(argv)

@@ -60,6 +60,7 @@ class NetworkView:
     network: Network
     statuses: dict[str, ResourceStatus] = field(default_factory=dict)  # node → status
     facts: dict[str, NetworkResourceFacts] = field(default_factory=dict)  # node → published facts
+    unreadable: dict[str, str] = field(default_factory=dict)  # node → why its status/facts cannot be read
 
     @property
     def ready_count(self) -> int:
@@ -69,6 +70,36 @@ class NetworkView:
     @property
     def ready(self) -> bool:
         return self.ready_count == len(self.network.spec.nodes)
+
+    def nr_reason(self, node: str) -> str | None:
+        """Why the node's NR is not ready (None: it is): its Ready condition's reason, or
+        NoStatus / StatusUnreadable / Updating (ready for an older generation)."""
+        st = self.statuses.get(node)
+        if st is None:
+            return "StatusUnreadable" if node in self.unreadable else "NoStatus"
+        c = condition(st.conditions, "Ready")
+        if c is None:
+            return "NoStatus"
+        if c.status != "True":
+            return c.reason or "NotReady"
+        return None if nr_ready(st, self.network.metadata.generation) else "Updating"
+
+    @property
+    def reason(self) -> str:
+        """Every reason a node is not ready, with (a few of) the nodes: `NoStatus (n3)`."""
+        return grouped_reasons({n: self.nr_reason(n) for n in self.network.spec.nodes})
+
+
+def grouped_reasons(reasons: dict[str, str | None], most: int = 3) -> str:
+    by_reason: dict[str, list[str]] = {}
+    for subject, reason in reasons.items():
+        if reason:
+            by_reason.setdefault(reason, []).append(subject)
+    parts = []
+    for reason, subjects in by_reason.items():
+        more = f" +{len(subjects) - most}" if len(subjects) > most else ""
+        parts.append(f"{reason} ({', '.join(subjects[:most])}{more})")
+    return "; ".join(parts) or "-"
 
 
 @dataclass
@@ -82,49 +113,85 @@ class WorkloadView:
     workload: Workload
     status: WorkloadStatus | None = None
 
+    @property
+    def ready_text(self) -> str:
+        """True/False from the workload's status, Pending while it is for an older generation,
+        Unknown without one."""
+        c = condition(self.status.conditions, "Ready") if self.status else None
+        if c is None:
+            return "Unknown"
+        return "Pending" if self.stale else c.status
+
+    @property
+    def stale(self) -> bool:
+        g = self.workload.metadata.generation
+        return self.status is not None and g is not None and self.status.observedGeneration < g
+
+    @property
+    def reason(self) -> str:
+        c = condition(self.status.conditions, "Ready") if self.status else None
+        if c is None:
+            return "NoStatus"
+        if self.stale:
+            return "Updating"
+        return "-" if c.status == "True" else (c.reason or "NotReady")
+
+    @property
+    def ip(self) -> str:
+        s = self.workload.spec
+        return str(s.ip or (self.status.ip if self.status and self.status.ip else "") or "(auto)")
+
 
 def _yes(b: bool) -> str:
     return "yes" if b else "no"
 
 
-def _ready_text(view: WorkloadView) -> str:
-    if view.status is None:
-        return "Unknown"
-    c = condition(view.status.conditions, "Ready")
-    if c is None:
-        return "Unknown"
-    stale = (view.workload.metadata.generation is not None
-             and view.status.observedGeneration < view.workload.metadata.generation)
-    return "Pending" if stale else ("True" if c.status == "True" else c.status)
-
-
-def networks_table(views: list[NetworkView]) -> str:
+def networks_table(views: list[NetworkView], invalid=(), wide: bool = False) -> str:
+    """Invalid values written by hand are rows too (REASON InvalidSpec): never hidden."""
+    headers = ["NAME", "RANGE", "NODES", "READY", "AGGREGATORS", "GENERATION"]
+    headers += ["EGRESS", "SUBNETS"] if wide else []
     rows = []
     for v in views:
         s = v.network.spec
-        rows.append([v.network.name, s.ipRange, ",".join(s.nodes) or "-",
-                     f"{v.ready_count}/{len(s.nodes)}", ",".join(s.aggregators) or "auto",
-                     s.egress or "local", v.network.metadata.generation or "-"])
-    return table(["NAME", "RANGE", "NODES", "READY", "AGGREGATORS", "EGRESS", "GENERATION"], rows)
+        row = [v.network.name, s.ipRange, ",".join(s.nodes) or "-", f"{v.ready_count}/{len(s.nodes)}",
+               ",".join(s.aggregators) or "-", v.network.metadata.generation or "-"]
+        row += [s.egress or "-", ",".join(f"{r.node}={r.subnet}" for r in s.resources) or "-"] if wide else []
+        rows.append((v.network.name, row + [v.reason]))
+    for o in invalid:
+        rows.append((o.name, [o.name, "-", ",".join(o.nodes) or "-", "-", "-", o.revision]
+                     + (["-", "-"] if wide else []) + ["InvalidSpec"]))
+    return table(headers + ["REASON"], [r for _, r in sorted(rows, key=lambda r: r[0])])
 
 
-def workloads_table(views: list[WorkloadView]) -> str:
+def workloads_table(views: list[WorkloadView], invalid=(), wide: bool = False) -> str:
+    headers = ["NAME", "NETWORK", "NODE", "IP", "READY"]
+    headers += ["NETNS", "INTERFACE", "GENERATION"] if wide else []
     rows = []
     for v in views:
         s = v.workload.spec
-        ip = s.ip or (v.status.ip if v.status else None)
-        rows.append([v.workload.name, s.network, s.node, ip or "(auto)", s.netns, _ready_text(v)])
-    return table(["NAME", "NETWORK", "NODE", "IP", "NETNS", "READY"], rows)
+        row = [v.workload.name, s.network, s.node, v.ip, v.ready_text]
+        row += [s.netns, s.interface, v.workload.metadata.generation or "-"] if wide else []
+        rows.append((v.workload.name, row + [v.reason]))
+    for o in invalid:
+        rows.append((o.name, [o.name, "-", ",".join(o.nodes) or "-", "-", "-"]
+                     + (["-", "-", o.revision] if wide else []) + ["InvalidSpec"]))
+    return table(headers + ["REASON"], [r for _, r in sorted(rows, key=lambda r: r[0])])
 
 
-def nodes_table(views: list[NodeView]) -> str:
+def nodes_table(views: list[NodeView], wide: bool = False) -> str:
+    headers = ["NAME", "ENDPOINTS", "HIDDEN", "ALIVE", "PORTS", "VERSION"]
+    if wide:
+        headers += ["CAPABILITIES"]
     rows = []
     for v in views:
         s = v.node.spec
         ports = s.listenPortRange
-        rows.append([v.node.name, ",".join(str(e) for e in s.endpoints) or "-", _yes(s.hidden),
-                     _yes(v.alive), f"{ports.min}-{ports.max}", s.version or "-"])
-    return table(["NAME", "ENDPOINTS", "HIDDEN", "ALIVE", "PORTS", "VERSION"], rows)
+        row = [v.node.name, ",".join(str(e) for e in s.endpoints) or "-", _yes(s.hidden),
+               _yes(v.alive), f"{ports.min}-{ports.max}", s.version or "-"]
+        if wide:
+            row += [",".join(s.capabilities) or "-"]
+        rows.append(row)
+    return table(headers, rows)
 
 
 def _conditions_lines(conditions: list[Condition], indent: str) -> list[str]:
@@ -136,16 +203,20 @@ def _conditions_lines(conditions: list[Condition], indent: str) -> list[str]:
     return [indent + line for line in t.splitlines()]
 
 
-def describe_network(view: NetworkView, nodes: dict[str, NodeView]) -> str:
+AGGREGATORS_NONE = "(none: hidden nodes of this network get no peers)"
+
+
+def describe_network(view: NetworkView, nodes: dict[str, NodeView], workloads: list[WorkloadView] = ()) -> str:
     n = view.network
     s = n.spec
     lines = [
         f"Name:         {n.name}",
         f"Generation:   {n.metadata.generation or '-'}",
         f"IP range:     {s.ipRange}",
-        f"Aggregators:  {', '.join(s.aggregators) or '(none: hidden nodes of this network get no peers)'}",
+        f"Aggregators:  {', '.join(s.aggregators) or AGGREGATORS_NONE}",
         f"Egress:       {s.egress or '(every NR exits locally)'}",
-        f"Ready:        {view.ready_count}/{len(s.nodes)} network resources",
+        f"Ready:        {view.ready_count}/{len(s.nodes)} network resources"
+        + ("" if view.ready else f" (not ready: {view.reason})"),
     ]
     if n.metadata.labels:
         lines.append("Labels:       " + ", ".join(f"{k}={v}" for k, v in sorted(n.metadata.labels.items())))
@@ -164,11 +235,21 @@ def describe_network(view: NetworkView, nodes: dict[str, NodeView]) -> str:
                 facts.append("endpoints " + ", ".join(str(e) for e in published.endpoints))
             facts.append(f"public key {published.publicKey}")
             lines.append("    " + "; ".join(facts))
+        if r.node in view.unreadable:
+            lines.append(f"    unreadable: {view.unreadable[r.node]}")
         if st is None:
-            lines.append("    status: none reported yet")
+            if r.node not in view.unreadable:
+                lines.append("    status: none reported yet")
             continue
         lines.append(f"    observedGeneration {st.observedGeneration}")
         lines += _conditions_lines(st.conditions, "    ")
+    lines.append("Workloads:")
+    if not workloads:
+        lines.append("  (none)")
+    else:
+        lines += ["  " + line for line in table(
+            ["NAME", "NODE", "IP", "READY", "REASON"],
+            [[v.workload.name, v.workload.spec.node, v.ip, v.ready_text, v.reason] for v in workloads]).splitlines()]
     return "\n".join(lines)
 
 
@@ -183,6 +264,7 @@ def describe_workload(view: WorkloadView) -> str:
         f"Netns:        {s.netns}",
         f"Interface:    {s.interface}",
         f"IP:           {s.ip or '(allocated by the node)'}",
+        f"Ready:        {view.ready_text}" + ("" if view.reason == "-" else f" ({view.reason})"),
     ]
     if view.status is None:
         lines.append("Status:       none reported yet")
@@ -194,30 +276,72 @@ def describe_workload(view: WorkloadView) -> str:
     return "\n".join(lines)
 
 
-def status_dict(nodes: list[NodeView], networks: list[NetworkView]) -> dict:
+def describe_invalid(obj, reports: dict[str, list[Condition]]) -> str:
+    """An invalid value in etcd: what is wrong with it, and what the nodes it names report."""
+    lines = [
+        f"Name:         {obj.name}",
+        f"Kind:         {obj.kind}",
+        f"Key:          {obj.key}",
+        f"Generation:   {obj.revision}",
+        "Valid:        no; the agents keep what they built from the last valid value. Problems:",
+    ]
+    lines += [f"  {p}" for p in obj.problems]
+    for node, conditions in sorted(reports.items()):
+        lines.append(f"Reported by {node}:")
+        lines += _conditions_lines(conditions, "  ")
+    return "\n".join(lines)
+
+
+def invalid_manifest(obj) -> dict:
+    """An invalid value for -o json/yaml: its identity and problems (it has no valid spec)."""
+    return {"apiVersion": "zmesh.io/v1", "kind": obj.kind,
+            "metadata": {"name": obj.name, "generation": obj.revision},
+            "status": {"valid": False, "key": obj.key, "problems": list(obj.problems)}}
+
+
+def status_dict(nodes: list[NodeView], networks: list[NetworkView], workloads: list[WorkloadView] = (),
+                invalid: dict[str, list] | None = None) -> dict:
+    invalid = invalid or {}
     return {
-        "nodes": {"total": len(nodes), "alive": sum(v.alive for v in nodes),
+        "nodes": {"total": len(nodes) + len(invalid.get("Node", [])), "alive": sum(v.alive for v in nodes),
+                  "invalid": len(invalid.get("Node", [])),
                   "items": [{"name": v.node.name, "alive": v.alive, "hidden": v.node.spec.hidden}
                             for v in nodes]},
-        "networks": {"total": len(networks), "ready": sum(v.ready for v in networks),
+        "networks": {"total": len(networks) + len(invalid.get("Network", [])),
+                     "ready": sum(v.ready for v in networks), "invalid": len(invalid.get("Network", [])),
                      "items": [{"name": v.network.name, "ready": v.ready,
                                 "readyResources": v.ready_count,
-                                "resources": len(v.network.spec.nodes)} for v in networks]},
+                                "resources": len(v.network.spec.nodes)} for v in networks]
+                              + [{"name": o.name, "ready": False, "invalid": True} for o in invalid.get("Network", [])]},
+        "workloads": {"total": len(workloads) + len(invalid.get("Workload", [])),
+                      "ready": sum(v.ready_text == "True" for v in workloads),
+                      "invalid": len(invalid.get("Workload", []))},
     }
 
 
-def status_text(nodes: list[NodeView], networks: list[NetworkView]) -> str:
+def status_text(nodes: list[NodeView], networks: list[NetworkView], workloads: list[WorkloadView] = (),
+                invalid: dict[str, list] | None = None) -> str:
+    invalid = invalid or {}
+    bad_nodes, bad_nets, bad_wls = (invalid.get(k, []) for k in ("Node", "Network", "Workload"))
+
+    def also(bad) -> str:
+        return f", {len(bad)} invalid" if bad else ""
+
     alive = sum(v.alive for v in nodes)
-    ready = sum(v.ready for v in networks)
-    lines = [f"Nodes: {alive}/{len(nodes)} alive"]
-    if nodes:
+    lines = [f"Nodes: {alive}/{len(nodes) + len(bad_nodes)} alive{also(bad_nodes)}"]
+    if nodes or bad_nodes:
         lines += ["  " + line for line in table(
             ["NAME", "ALIVE", "HIDDEN"],
-            [[v.node.name, _yes(v.alive), _yes(v.node.spec.hidden)] for v in nodes]).splitlines()]
-    lines.append(f"Networks: {ready}/{len(networks)} ready")
-    if networks:
+            [[v.node.name, _yes(v.alive), _yes(v.node.spec.hidden)] for v in nodes]
+            + [[name, "?", "(registration invalid)"] for name in bad_nodes]).splitlines()]
+    ready = sum(v.ready for v in networks)
+    lines.append(f"Networks: {ready}/{len(networks) + len(bad_nets)} ready{also(bad_nets)}")
+    if networks or bad_nets:
+        rows = [(v.network.name, [v.network.name, _yes(v.ready), f"{v.ready_count}/{len(v.network.spec.nodes)}",
+                                  v.reason]) for v in networks]
+        rows += [(o.name, [o.name, "no", "-", "InvalidSpec"]) for o in bad_nets]
         lines += ["  " + line for line in table(
-            ["NAME", "READY", "RESOURCES"],
-            [[v.network.name, _yes(v.ready), f"{v.ready_count}/{len(v.network.spec.nodes)}"]
-             for v in networks]).splitlines()]
+            ["NAME", "READY", "RESOURCES", "REASON"], [r for _, r in sorted(rows, key=lambda r: r[0])]).splitlines()]
+    wl_ready = sum(v.ready_text == "True" for v in workloads)
+    lines.append(f"Workloads: {wl_ready}/{len(workloads) + len(bad_wls)} ready{also(bad_wls)}")
     return "\n".join(lines)

@@ -1,5 +1,5 @@
-"""The CLI's view of etcd: typed reads joined into what the commands print, with every
-malformed value turned into a warning line instead of an exception."""
+"""The CLI's view of etcd: typed reads joined into what the commands print. A malformed value
+is data (an InvalidObject, an unreadable status), never an exception."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from controller.models.manifest import ManifestError, parse_json_value
-from controller.models.resources import Network, Workload, WorkloadStatus
+from controller.models.resources import Network, ResourceStatus, Workload, WorkloadStatus
 from controller.store.access import EtcdAccess
 from controller.store.layout import Layout
 
@@ -35,31 +36,72 @@ def is_store_error(e: BaseException) -> bool:
     return isinstance(e, StoreError)
 
 
+@dataclass
+class InvalidObject:
+    """A spec value in etcd that is not a valid object: shown with its problems, never hidden."""
+
+    kind: str
+    name: str
+    key: str
+    revision: int
+    problems: list[str]
+    nodes: list[str] = field(default_factory=list)  # the nodes its value names, as far as readable
+
+    @property
+    def ref(self) -> str:
+        return f"{self.kind.lower()}/{self.name}"
+
+
 class StoreView:
+    """Reads for the commands. Nothing here prints: what is invalid comes back as data, and a
+    command warns about what concerns it, once (`warn_invalid`)."""
+
     def __init__(self, store, prefix: str):
         self.store = store
         self.layout = Layout(prefix)
         self.warnings: list[str] = []
-        self._cache: dict[str, object] = {}
+        self._cache: dict[str, tuple[list, list[InvalidObject]]] = {}
 
-    def _warn(self, errors) -> None:
-        for e in errors or ():
-            for line in str(e).splitlines():
-                if line not in self.warnings:
-                    self.warnings.append(line)
+    def warn_invalid(self, kind: str, invalid: list[InvalidObject]) -> None:
+        """One line for every invalid object of a kind: how many, which, how to see why."""
+        if not invalid:
+            return
+        names = ", ".join(o.name for o in invalid[:5]) + (f" and {len(invalid) - 5} more" if len(invalid) > 5 else "")
+        noun = kind.lower() + ("s" if len(invalid) > 1 else "")
+        self.warnings.append(f"{len(invalid)} invalid {noun} in etcd: {names} "
+                             f"('zmesh describe {kind.lower()} NAME' shows why)")
 
-    async def _objects(self, kind: str) -> list:
+    async def listing(self, kind: str) -> tuple[list, list[InvalidObject]]:
+        """(valid objects, invalid values) of a kind, sorted by name."""
         if kind not in self._cache:
             objs, errors = await self.store.list_objects(kind)
-            self._warn(errors)
-            self._cache[kind] = sorted(objs, key=lambda o: o.name)
+            invalid = [self._invalid(kind, e.key, e.revision, list(e.problems) or [e.message], e.raw)
+                       for e in errors]
+            self._cache[kind] = (sorted(objs, key=lambda o: o.name), sorted(invalid, key=lambda o: o.name))
         return self._cache[kind]
 
+    def _invalid(self, kind: str, key: str, revision: int, problems: list[str], raw: bytes) -> InvalidObject:
+        from controller.store.client import lenient_nodes
+
+        name = key.removeprefix(self.layout.networks() if kind == "Network" else self.layout.workloads())
+        return InvalidObject(kind, name, key, revision, problems, lenient_nodes(kind, raw) or [])
+
     async def networks(self) -> list[Network]:
-        return await self._objects("Network")
+        return (await self.listing("Network"))[0]
 
     async def workloads(self) -> list[Workload]:
-        return await self._objects("Workload")
+        return (await self.listing("Workload"))[0]
+
+    async def lookup(self, kind: str, name: str) -> Network | Workload | InvalidObject | None:
+        """One spec by name (a single read): the object, its problems if invalid, or None."""
+        key = self.store.spec_key(kind, name)
+        entry = await self.store.get(key)
+        if entry is None:
+            return None
+        try:
+            return self.store.decode_spec(kind, entry)
+        except ManifestError as e:
+            return self._invalid(kind, key, entry.mod_revision, e.problems, entry.value)
 
     async def registered_nodes(self) -> set[str]:
         """Names of every node record, even a malformed one: the node exists all the same."""
@@ -70,65 +112,104 @@ class StoreView:
         alive = await self.store.alive_nodes()
         return [NodeView(n, n.name in alive) for n in sorted(nodes, key=lambda n: n.name)]
 
-    async def _network_view(self, network: Network) -> NetworkView:
+    async def invalid_nodes(self, valid: list[NodeView]) -> list[str]:
+        """Nodes whose registration exists but cannot be read."""
+        return sorted(await self.registered_nodes() - {v.node.name for v in valid})
+
+    async def network_view(self, network: Network) -> NetworkView:
         """The network with what each of its nodes published: status and facts (the keys
         of its nodes only, read in batches; never the whole node tree)."""
-        nodes = network.spec.nodes
-        keys = [k for n in nodes for k in (self.layout.nr_status(n, network.name),
-                                            self.layout.facts(n, network.name))]
-        entries = await self.store.get_many(keys)
-        statuses, facts = {}, {}
-        for n in nodes:
-            st = self._parse_entry(entries.get(self.layout.nr_status(n, network.name)), "NetworkResourceStatus")
-            fa = self._parse_entry(entries.get(self.layout.facts(n, network.name)), "NetworkResourceFacts")
-            if st is not None and (st.node, st.network) == (n, network.name):
-                statuses[n] = st
-            if fa is not None and (fa.node, fa.network) == (n, network.name):
-                facts[n] = fa
-        return NetworkView(network, statuses, facts)
+        return (await self._network_views([network]))[0]
 
-    def _parse_entry(self, entry, kind: str):
+    async def network_views(self, networks: list[Network] | None = None) -> list[NetworkView]:
+        return await self._network_views(await self.networks() if networks is None else networks)
+
+    async def _network_views(self, networks: list[Network]) -> list[NetworkView]:
+        published = await self._published([(net.name, net.spec.nodes) for net in networks])
+        return [NetworkView(net, *published[net.name]) for net in networks]
+
+    async def nr_statuses(self, network: str, nodes: list[str]) -> dict[str, ResourceStatus]:
+        """node -> the status it published for its NR of `network` (also of an invalid network)."""
+        return (await self._published([(network, nodes)]))[network][0]
+
+    async def _published(self, networks: list[tuple[str, list[str]]]) -> dict[str, tuple[dict, dict, dict]]:
+        """network -> (statuses, facts, unreadable) by node, for the (network, nodes) given:
+        the keys of those nodes only, read in batches; never the whole node tree."""
+        lay = self.layout
+        entries = await self.store.get_many(
+            k for net, nodes in networks for n in nodes for k in (lay.nr_status(n, net), lay.facts(n, net)))
+        out = {}
+        for net, nodes in networks:
+            statuses, facts, unreadable = out.setdefault(net, ({}, {}, {}))
+            for n in nodes:
+                st = self._parse_entry(entries.get(lay.nr_status(n, net)), "NetworkResourceStatus", unreadable, n)
+                fa = self._parse_entry(entries.get(lay.facts(n, net)), "NetworkResourceFacts", unreadable, n)
+                if st is not None and (st.node, st.network) == (n, net):
+                    statuses[n] = st
+                if fa is not None and (fa.node, fa.network) == (n, net):
+                    facts[n] = fa
+        return out
+
+    def _parse_entry(self, entry, kind: str, unreadable: dict | None = None, node: str = ""):
         if entry is None:
             return None
         try:
             return parse_json_value(entry.value, entry.key, (kind,))
         except ManifestError as err:
-            self._warn(["; ".join(str(err).splitlines())])
+            if unreadable is not None:
+                unreadable[node] = f"{kind} at {entry.key}: {'; '.join(err.problems)}"
             return None
 
-    async def network_views(self) -> list[NetworkView]:
-        return [await self._network_view(n) for n in await self.networks()]
+    async def statuses_on(self, node_workloads: list[tuple[str, str]]) -> dict[str, WorkloadStatus]:
+        """(node, workload) -> the status that node published for it, for the pairs given."""
+        lay = self.layout
+        entries = await self.store.get_many(lay.workload_status(n, w) for n, w in node_workloads)
+        out = {}
+        for n, w in node_workloads:
+            st = self._parse_entry(entries.get(lay.workload_status(n, w)), "WorkloadStatus")
+            if st is not None and (st.node, st.workload) == (n, w):
+                out[w] = st
+        return out
 
-    async def network_view(self, name: str) -> NetworkView | None:
-        net = next((n for n in await self.networks() if n.name == name), None)
-        return None if net is None else await self._network_view(net)
+    async def workload_views(self, workloads: list[Workload] | None = None) -> list[WorkloadView]:
+        workloads = await self.workloads() if workloads is None else workloads
+        statuses = await self.statuses_on([(w.spec.node, w.name) for w in workloads])
+        return [WorkloadView(w, statuses.get(w.name)) for w in workloads]
 
-    async def workload_status(self, workload: Workload) -> WorkloadStatus | None:
-        key = self.layout.workload_status(workload.spec.node, workload.name)
-        return self._parse_entry(await self.store.get(key), "WorkloadStatus")
+    async def network(self, name: str) -> Network | None:
+        return next((n for n in await self.networks() if n.name == name), None)
 
-    async def workload_views(self) -> list[WorkloadView]:
-        return [WorkloadView(w, await self.workload_status(w)) for w in await self.workloads()]
+    # --- writes: admission reads (controller/store/specs.py), the CLI orchestrates ---------
 
-    async def workload_view(self, name: str) -> WorkloadView | None:
-        w = next((w for w in await self.workloads() if w.name == name), None)
-        return None if w is None else WorkloadView(w, await self.workload_status(w))
+    async def snapshot(self, items):
+        from controller.store.specs import read_snapshot
 
-    async def specs_revision(self) -> int:
-        return await self.store.specs_revision()
+        return await read_snapshot(self.store, items)
 
-    async def apply(self, obj, guard: int | None = None) -> int:
-        """Write `obj` if no spec changed since `guard` (StaleView otherwise); the new guard."""
+    async def write(self, items, snap, on_written) -> None:
+        """Write admitted items guarded by `snap` (StaleView when it is out of date)."""
+        from controller.store.specs import write_items
+
         try:
-            written = await self.store.apply(obj, guard=guard)
+            await write_items(self.store, items, snap, on_written)
         finally:
             self._cache.clear()  # written, or stale: either way the next read must be fresh
-        return written.metadata.generation
 
-    async def delete(self, kind: str, name: str) -> bool:
-        deleted = await self.store.delete_object(kind, name)
-        self._cache.clear()
-        return bool(deleted)
+    async def delete(self, keys, on_deleted) -> set[tuple[str, str]]:
+        """Delete the specs among `keys` that exist; the (kind, name) of those deleted."""
+        from controller.store.specs import delete_specs
+
+        deleted: set[tuple[str, str]] = set()
+
+        def done(key):
+            deleted.add(key)
+            on_deleted(key)
+
+        try:
+            await delete_specs(self.store, keys, on_deleted=done)
+        finally:
+            self._cache.clear()
+        return deleted
 
 
 @contextlib.asynccontextmanager

@@ -101,15 +101,19 @@ def _chunks(text: str):
 
 
 def _yaml_problem(e: yaml.YAMLError, source: str, first_line: int) -> str:
-    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    mark, what = _yaml_error(e)
     where = source if mark is None else f"{source}:{first_line + mark.line + 1}:{mark.column + 1}"
-    problem = getattr(e, "problem", None)
-    context = getattr(e, "context", None)
-    if problem is None:
-        what = _one_line(str(e))
-    else:
-        what = problem + (f" ({context})" if context else "")
     return f"{where}: not valid YAML or JSON: {what}"
+
+
+def _yaml_error(e: yaml.YAMLError):
+    """(the position, or None, and the problem in one line) of a YAML error: its problem and
+    context only, never PyYAML's multi-line excerpt with a caret."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem, context = getattr(e, "problem", None), getattr(e, "context", None)
+    if problem is None:
+        return mark, _one_line(str(e))
+    return mark, problem + (f" ({context})" if context else "")
 
 
 def parse_object(data: object, where: str = "<input>", kinds: tuple[str, ...] | None = None) -> BaseModel:
@@ -180,7 +184,9 @@ def parse_json_value(raw: bytes, where: str, kinds: tuple[str, ...] | None = Non
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ManifestError(where, [f"value is neither JSON nor YAML: {_one_line(str(e))}"]) from None
+            mark, what = _yaml_error(e)
+            at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            raise ManifestError(where, [f"value is neither JSON nor YAML{at}: {what}"]) from None
         except RecursionError:
             raise ManifestError(where, [_TOO_DEEP]) from None
     return parse_object(data, where, kinds)

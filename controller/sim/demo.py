@@ -37,7 +37,7 @@ from controller.models.manifest import ManifestError, parse_object, split_docume
 from controller.models.resources import Network, Workload
 from controller.planner import names
 from controller.sim.etcd import EmbeddedEtcd, EtcdStartError
-from controller.sim.world import World, metric_total, scrape_metrics
+from controller.sim.world import World, metric_total, owns_name, scrape_metrics
 from controller.store.client import EtcdStore
 
 NETWORK = "demo"
@@ -275,8 +275,10 @@ class Demo:
                 await self.cleanup()
             except DemoFailed as e:
                 failure = failure or f"clean-up incomplete: {e}"
-        if self.signal is not None and not self.kept:
-            self.p.line(f"zmesh: demo interrupted by {signal.Signals(self.signal).name}; "
+        if self.signal is not None:
+            # Also after --keep, where a signal is the expected end: the contract is 130 (143).
+            what = "stopped" if self.kept else "interrupted"
+            self.p.line(f"zmesh: demo {what} by {signal.Signals(self.signal).name}; "
                         "everything it made was removed")
             return EXIT_SIGTERM if self.signal == signal.SIGTERM else EXIT_SIGINT
         if failure:
@@ -303,6 +305,7 @@ class Demo:
 
     async def build_world(self) -> str:
         self.world = World(self.endpoints, agent_args=["--prefix", self.prefix],
+                           world_id=getattr(self.args, "world_prefix", None),
                            resync_interval=RESYNC_INTERVAL)
         await self.world.__aenter__()
         w = self.world
@@ -495,7 +498,7 @@ class Demo:
         self.p.line(f"       curl -s 127.0.0.1:{next(iter(w.nodes.values())).metrics_port}/metrics")
         self.p.line("Press Ctrl-C to clean up.")
         await self.stop.wait()
-        self.kept = True  # Ctrl-C is how a kept demo ends: not a failure
+        self.kept = True  # Ctrl-C is how a kept demo ends: not a failure (but still 130)
 
     # --- failure details and clean-up -----------------------------------------------------------
 
@@ -551,9 +554,9 @@ class Demo:
             return []
         out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         ours = [line.split()[0] for line in out.splitlines() if line.strip()
-                and line.split()[0].startswith(self.world.id)]
+                and owns_name(self.world.id, line.split()[0])]
         # Every wireguard-go of the world listens on a UAPI socket named after its interface.
-        sockets = sorted(p.name for p in Path("/var/run/wireguard").glob(f"{self.world.id}*.sock"))
+        sockets = sorted(p.name for p in Path("/var/run/wireguard").glob("*.sock") if owns_name(self.world.id, p.name))
         return [f"netns {n}" for n in ours] + [f"wireguard-go socket {s}" for s in sockets]
 
 

@@ -31,6 +31,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -71,8 +72,33 @@ table ip zmsim-nat {
 
 def new_world_id() -> str:
     """Three characters: short enough to fit interface names, random enough not to collide."""
-    alphabet = string.ascii_lowercase + string.digits
-    return "z" + "".join(secrets.choice(alphabet) for _ in range(2))
+    return "z" + secrets.choice(string.ascii_lowercase + string.digits) + secrets.choice(string.ascii_lowercase)
+
+
+# A world's names are "<id>-..." (namespaces) and "<id><node index>-..." (what its agents make):
+# an id that starts and ends with a letter can never be read as another world's.
+_WORLD_ID_RE = re.compile(r"^[a-z]([a-z0-9]?[a-z])?$")
+
+
+def world_id_problem(world_id: str) -> str | None:
+    """Why `world_id` cannot name a new world (None: it can)."""
+    if not _WORLD_ID_RE.match(world_id):
+        return (f"{world_id!r} must be 1-3 lower-case letters or digits, starting and ending "
+                "with a letter (it prefixes every name the world makes)")
+    taken = [n for n in _netns_names() if n.startswith(f"{world_id}-")]
+    if taken:
+        return f"a world named {world_id!r} exists already (namespace {taken[0]})"
+    return None
+
+
+def owns_name(world_id: str, name: str) -> bool:
+    """Whether a namespace, link or socket name was made by world `world_id` or its agents."""
+    return name.startswith(f"{world_id}-") or re.match(rf"^{re.escape(world_id)}[0-9]+-", name) is not None
+
+
+def _netns_names() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
 @dataclasses.dataclass
@@ -194,8 +220,8 @@ class World:
         await self.close()
 
     def _add_netns(self, name: str) -> None:
+        run_ip_batch(None, [f"netns add {name}"])  # fails if it exists: never ours to delete then
         self._namespaces.append(name)
-        run_ip_batch(None, [f"netns add {name}"])
 
     def _build_internet(self) -> None:
         self._add_netns(self.inet)
@@ -419,5 +445,6 @@ def in_process_group_guard() -> None:
     signal.signal(signal.SIGTERM, _raise)
 
 
-__all__ = ["World", "SimNode", "SimRouter", "new_world_id", "netns_exec", "run_ip_batch", "INTERNET_HOST",
+__all__ = ["World", "SimNode", "SimRouter", "new_world_id", "world_id_problem", "owns_name", "netns_exec",
+           "run_ip_batch", "INTERNET_HOST",
            "free_tcp_port", "in_process_group_guard", "scrape_metrics", "metric_total"]

@@ -32,6 +32,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from ..admission.review import guarded_networks
 from ..models.manifest import ManifestError, parse_json_value, to_json
 from ..models.resources import Network, NetworkResourceFacts, Node, ResourceStatus, Workload, WorkloadStatus
 from .connection import ConfigError, Connection, Endpoint, Settings, TLSFiles, connect_to, connection_problem, parse_endpoint
@@ -67,6 +68,10 @@ class Compacted(StoreError):
 
 class Conflict(StoreError):
     """An optimistic-concurrency update lost too many races in a row."""
+
+
+class TooLarge(StoreError):
+    """A transaction etcd refuses for its size (--max-txn-ops or --max-request-bytes)."""
 
 
 class StaleView(StoreError):
@@ -218,6 +223,9 @@ class ObjectError:
 
     key: str
     message: str
+    problems: tuple[str, ...] = ()  # one per problem (`message` joins them)
+    revision: int = 0  # the key's mod_revision
+    raw: bytes = b""
 
     def __str__(self) -> str:
         return f"{self.key}: {self.message}"
@@ -627,22 +635,20 @@ class EtcdStore:
             try:
                 objects.append(self.decode_spec(kind, e))
             except ManifestError as err:
-                errors.append(ObjectError(e.key, "; ".join(err.problems)))
+                errors.append(ObjectError(e.key, "; ".join(err.problems), tuple(err.problems),
+                                          e.mod_revision, e.value))
         return objects, errors
 
-    async def apply(self, obj: Network | Workload, *, guard: int | None = None,
-                    max_attempts: int = 20) -> Network | Workload:
-        """Write the spec and its node-index entries in one transaction.
+    async def apply(self, obj: Network | Workload, *, max_attempts: int = 20) -> Network | Workload:
+        """Write the spec and its node-index entries in one transaction, unreviewed (admission
+        is controller/admission with controller/store/specs.py; this is for trusted callers).
 
         Guarded by the spec key's mod_revision as read just before: on a concurrent change the
         read and write are retried. Index entries of nodes the old spec referenced and the new
-        one does not are deleted (even if the old value was malformed). Returns the object with
-        metadata.generation set (which is also the specs guard's new revision).
-
-        `guard`: the `specs_revision()` the caller validated against; if any spec was written
-        through the store since, nothing is written and `StaleView` is raised, so validation
-        across objects (e.g. two workloads wanting one IP) cannot race another apply."""
-        return await self._cas_spec(obj.kind, obj.name, lambda _current: obj, max_attempts, guard)
+        one does not are deleted (even if the old value was malformed). The guard of the network
+        concerned is bumped, so a concurrent review of that network is done again. Returns the
+        object with metadata.generation set."""
+        return await self._cas_spec(obj.kind, obj.name, lambda _current: obj, max_attempts)
 
     async def update(
         self, kind: SpecKind, name: str, mutate: Callable[[Network | Workload | None], Network | Workload | None],
@@ -657,15 +663,8 @@ class EtcdStore:
 
         return await self._cas_spec(kind, name, make, max_attempts)
 
-    async def specs_revision(self) -> int:
-        """The specs guard's revision: read it *before* reading the specs an apply is validated
-        against, then pass it as `apply(..., guard=)`."""
-        entry = await self.get(self.layout.specs_guard())
-        return entry.mod_revision if entry else 0
-
-    async def _cas_spec(self, kind: str, name: str, make, max_attempts: int, guard: int | None = None):
+    async def _cas_spec(self, kind: str, name: str, make, max_attempts: int):
         key = self.spec_key(kind, name)
-        guard_key = self.layout.specs_guard()
         for attempt in range(max_attempts):
             current = await self.get(key)
             new = make(current)
@@ -680,16 +679,12 @@ class EtcdStore:
             ops: list[Op] = [Put(key, to_json(new))] + [Put(k, b"") for k in sorted(new_index)]
             ops += [Delete(k) for k in sorted(old_index - new_index)]
             compare = [mod_revision_is(key, current.mod_revision if current else 0)]
-            ops.append(Put(guard_key, b""))
-            if guard is not None:
-                compare.append(mod_revision_is(guard_key, guard))
-            res = await self._txn_checked(compare, ops, f"apply {kind}/{name}")
+            ops += [Put(self.layout.network_guard(n), b"") for n in sorted(guarded_networks(new))]
+            res = await self.checked_txn(compare, ops, f"apply {kind}/{name}")
             if res.succeeded:
                 out = new.model_copy(deep=True)
-                out.metadata.generation = res.revision  # also the guard's new revision
+                out.metadata.generation = res.revision
                 return out
-            if guard is not None and await self.specs_revision() != guard:
-                raise StaleView(f"apply {kind}/{name}: the specs changed since they were validated")
             await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
         raise Conflict(f"apply {kind}/{name}: the spec kept changing under us ({max_attempts} attempts)")
 
@@ -701,22 +696,26 @@ class EtcdStore:
             current = await self.get(key)
             if current is None:
                 return False
-            ops: list[Op] = [Delete(key), Put(self.layout.specs_guard(), b"")]
+            ops: list[Op] = [Delete(key)]
+            if kind == "Network":  # its guard goes too: a review of it meanwhile is done again
+                ops.append(Delete(self.layout.network_guard(name)))
             ops += [Delete(k) for k in sorted(self.index_keys(kind, name, lenient_nodes(kind, current.value) or ()))]
-            res = await self._txn_checked([mod_revision_is(key, current.mod_revision)], ops, f"delete {kind}/{name}")
+            res = await self.checked_txn([mod_revision_is(key, current.mod_revision)], ops, f"delete {kind}/{name}")
             if res.succeeded:
                 return True
             await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
         raise Conflict(f"delete {kind}/{name}: the spec kept changing under us ({max_attempts} attempts)")
 
-    async def _txn_checked(self, compare, ops, what: str) -> TxnResult:
+    async def checked_txn(self, compare, ops, what: str) -> TxnResult:
+        """`txn`, with a transaction too large for etcd raised as `TooLarge` saying which limit."""
         try:
             return await self.txn(compare, ops)
         except StoreError as e:
-            if "too many operations" in str(e):
-                raise StoreError(
-                    f"{what}: {len(ops)} operations exceed etcd's --max-txn-ops (default 128); "
-                    "raise it on the etcd cluster (see docs/etcd-layout.md)"
+            if "too many operations" in str(e) or "request is too large" in str(e):
+                raise TooLarge(
+                    f"{what}: {len(ops)} operations are more than etcd takes in one transaction "
+                    "(--max-txn-ops, default 128; --max-request-bytes, default 1.5 MiB); raise them "
+                    "on the etcd cluster (see docs/etcd-layout.md)"
                 ) from None
             raise
 
@@ -724,12 +723,17 @@ class EtcdStore:
 
     async def get_many(self, keys) -> dict[str, Entry]:
         """The entries of `keys` that exist, read in transactions of Gets (one round trip per
-        TXN_GETS keys, each at one revision)."""
+        TXN_GETS keys, each at one revision), in the order given; key by key on a cluster whose
+        --max-txn-ops is lower."""
         keys = list(dict.fromkeys(keys))
         found: dict[str, Entry] = {}
         for i in range(0, len(keys), TXN_GETS):
-            res = await self.txn([], [Get(k) for k in keys[i:i + TXN_GETS]])
-            for entries in res.results:
+            chunk = keys[i:i + TXN_GETS]
+            try:
+                results = (await self.checked_txn([], [Get(k) for k in chunk], "read")).results
+            except TooLarge:
+                results = [[e] if (e := await self.get(k)) else [] for k in chunk]
+            for entries in results:
                 found.update((e.key, e) for e in entries)
         return found
 

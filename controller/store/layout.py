@@ -95,10 +95,11 @@ class Layout:
     def index_root(self) -> str:
         return f"{self.root}index/"
 
-    def specs_guard(self) -> str:
-        """Bumped by every spec write the CLI/store makes, and compared in it: an apply that
-        validated against revision G of the specs writes only while nothing changed since G."""
-        return f"{self.root}guard/specs"
+    def network_guard(self, network: str) -> str:
+        """Bumped by every write of the network's spec or of one of its workloads made through
+        the store, and compared by admitted writes: a write reviewed against revision G of the
+        network's guard lands only while no other write of that network came in between."""
+        return f"{self.root}guards/networks/{network}"
 
     def leader(self, role: str) -> str:
         return f"{self.root}leader/{role}"

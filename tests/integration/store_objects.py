@@ -16,10 +16,10 @@ def network(name="net1", nodes=("node-a", "node-b"), **spec) -> Network:
     })
 
 
-def workload(name="w1", node="node-a", net="net1") -> Workload:
+def workload(name="w1", node="node-a", net="net1", ip=None) -> Workload:
     return Workload.model_validate({
         "metadata": {"name": name},
-        "spec": {"network": net, "node": node, "netns": f"ns-{name}"},
+        "spec": {"network": net, "node": node, "netns": f"ns-{name}", **({"ip": ip} if ip else {})},
     })
 
 

@@ -4,98 +4,14 @@ that bad input writes nothing. Hand-written values go in with the real `etcdctl`
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from controller.cli.main import main
+from cli_world import EXAMPLE, ZMESH, Cli, manifest_file, network, without_generation, workload
 
 pytestmark = pytest.mark.etcd
-
-ZMESH = str(Path(sys.executable).with_name("zmesh"))
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "network.yaml"
-
-
-class Cli:
-    """Runs `zmesh` in-process against one etcd; keeps stdout, stderr and the exit code."""
-
-    def __init__(self, etcd, capsys, prefix="/zmesh/"):
-        self.etcd, self.capsys, self.prefix = etcd, capsys, prefix
-
-    def __call__(self, *argv: str) -> tuple[int, str, str]:
-        self.capsys.readouterr()
-        code = main(["--etcd", self.etcd.endpoint, "--prefix", self.prefix, "--timeout", "2", *argv])
-        out = self.capsys.readouterr()
-        return code, out.out, out.err
-
-    def ok(self, *argv: str) -> str:
-        code, out, err = self(*argv)
-        assert code == 0, err
-        return out
-
-    def json(self, *argv: str):
-        return json.loads(self.ok(*argv, "-o", "json"))
-
-    def etcdctl(self, *args: str, input: str | None = None) -> str:
-        env = {**os.environ, "ETCDCTL_API": "3"}
-        r = subprocess.run(["etcdctl", "--endpoints", self.etcd.endpoint, *args], input=input,
-                           capture_output=True, text=True, env=env, check=True)
-        return r.stdout
-
-    def put(self, key: str, value: str) -> None:
-        self.etcdctl("put", key, "--", value)  # "--": a value may start with "-"
-
-    def keys(self) -> list[str]:
-        return self.etcdctl("get", "--prefix", "--keys-only", self.prefix).split()
-
-    def register(self, *names: str, alive=True, hidden=()) -> None:
-        for n in names:
-            spec = {} if n in hidden else {"endpoints": [f"198.51.100.{10 + len(n)}"]}
-            self.put(f"{self.prefix}v1/nodes/{n}/registration", json.dumps(
-                {"apiVersion": "zmesh.io/v1", "kind": "Node", "metadata": {"name": n}, "spec": spec}))
-            if alive:
-                self.put(f"{self.prefix}v1/nodes/{n}/mesh/alive", '{"since":"2026-01-01T00:00:00+00:00"}')
-
-
-@pytest.fixture
-def cli(etcd, capsys):
-    if not shutil.which("etcdctl"):
-        pytest.skip("etcdctl not installed")
-    c = Cli(etcd, capsys)
-    c.register("n1", "n2", "n3", hidden=("n3",))
-    return c
-
-
-def network(name="blue", nodes=("n1", "n2", "n3"), **spec) -> dict:
-    return {"apiVersion": "zmesh.io/v1", "kind": "Network", "metadata": {"name": name},
-            "spec": {"ipRange": "10.1.0.0/16",
-                     "resources": [{"node": n, "subnet": f"10.1.{i}.0/24"} for i, n in enumerate(nodes, 1)],
-                     **spec}}
-
-
-def workload(name="web", node="n1", ip=None, network="blue") -> dict:
-    spec = {"network": network, "node": node, "netns": f"ctr-{name}"}
-    if ip:
-        spec["ip"] = ip
-    return {"apiVersion": "zmesh.io/v1", "kind": "Workload", "metadata": {"name": name}, "spec": spec}
-
-
-def manifest_file(tmp_path, *docs, name="m.yaml") -> str:
-    p = tmp_path / name
-    p.write_text(yaml.safe_dump_all(list(docs)))
-    return str(p)
-
-
-def without_generation(obj: dict) -> dict:
-    obj = json.loads(json.dumps(obj))
-    obj["metadata"].pop("generation", None)
-    return obj
-
 
 # --- apply ------------------------------------------------------------------------------------
 
@@ -145,8 +61,8 @@ def test_one_bad_document_means_nothing_is_written(cli, tmp_path):
     code, out, err = cli("apply", "-f", f)
     assert code == 1 and out == ""
     lines = err.splitlines()
-    assert any("workload/web: ip 10.1.1.1 is the gateway of 10.1.1.0/24" in l for l in lines)
-    assert any("(Network/red): spec: resources[1]: node 'n1' appears more than once" in l for l in lines)
+    assert f"zmesh: {f}#2 Workload/web: spec.ip: ip 10.1.1.1 is the gateway of 10.1.1.0/24, held by the network resource" in lines
+    assert f"zmesh: {f}#3 Network/red: spec.resources[1].node: node 'n1' appears more than once" in lines
     assert lines[-1] == "zmesh: nothing applied: 2 problem(s)"
     assert all(l.startswith("zmesh: ") for l in lines)
     assert spec_keys(cli) == []
@@ -176,7 +92,8 @@ def test_concurrent_applies_of_conflicting_workloads_never_both_land(cli, tmp_pa
 
 def test_an_unregistered_node_is_an_error(cli, tmp_path):
     code, _, err = cli("apply", "-f", manifest_file(tmp_path, network(nodes=("n1", "n9"))))
-    assert code == 1 and "zmesh: network/blue: node 'n9' is not a registered node" in err
+    assert (code, err) == (1, f"zmesh: {tmp_path}/m.yaml Network/blue: spec.resources[1].node: node 'n9' is not a "
+                              "registered node\nzmesh: nothing applied: 1 problem(s)\n")
     assert spec_keys(cli) == []
 
 
@@ -188,16 +105,17 @@ def test_a_node_registered_with_a_malformed_record_still_exists(cli, tmp_path):
 def test_workloads_are_checked_against_the_network_in_etcd(cli, tmp_path):
     cli.ok("apply", "-f", manifest_file(tmp_path, network(), workload("a", ip="10.1.1.10")))
     code, _, err = cli("apply", "-f", manifest_file(tmp_path, workload("b", ip="10.1.1.10"), name="b.yaml"))
-    assert code == 1 and "workload/b: ip 10.1.1.10 is already used by workload 'a'" in err
+    assert code == 1 and f"{tmp_path}/b.yaml Workload/b: spec.ip: ip 10.1.1.10 is already used by workload 'a'\n" in err
     code, _, err = cli("apply", "-f", manifest_file(tmp_path, workload("c", network="nope"), name="c.yaml"))
-    assert code == 1 and "workload/c: network 'nope' does not exist" in err
+    assert code == 1 and f"{tmp_path}/c.yaml Workload/c: spec.network: network 'nope' does not exist\n" in err
     assert [w["metadata"]["name"] for w in cli.json("get", "workloads")["items"]] == ["a"]
 
 
 def test_a_network_change_that_would_orphan_a_workload_is_refused(cli, tmp_path):
     cli.ok("apply", "-f", manifest_file(tmp_path, network(), workload(node="n3")))
     code, _, err = cli("apply", "-f", manifest_file(tmp_path, network(nodes=("n1", "n2")), name="x.yaml"))
-    assert code == 1 and "existing workload/web would become invalid: node 'n3' is not part of network 'blue'" in err
+    assert code == 1 and ("x.yaml Network/blue: spec.resources: existing workload 'web' would become invalid: "
+                          "node 'n3' is not part of network 'blue'\n") in err
     assert cli.json("get", "networks", "blue")["spec"]["resources"][2]["node"] == "n3"
 
 
@@ -205,7 +123,7 @@ def test_malformed_files_are_one_line_each(cli, tmp_path):
     (tmp_path / "bad.json").write_text('{"apiVersion": "zmesh.io/v1", ')
     code, out, err = cli("apply", "-f", str(tmp_path / "bad.json"), "-f", str(tmp_path / "missing.yaml"))
     assert code == 1 and out == ""
-    assert err.splitlines()[0].startswith(f"zmesh: {tmp_path}/bad.json: not valid YAML or JSON")
+    assert err.splitlines()[0].startswith(f"zmesh: {tmp_path}/bad.json:1:31: not valid YAML or JSON: ")
     assert f"{tmp_path}/missing.yaml: cannot read" in err.splitlines()[1]
 
 
@@ -235,18 +153,20 @@ def test_values_written_with_etcdctl_read_exactly_like_the_clis(cli, tmp_path):
     assert [row.split()[1:4] for row in table[1:]] == [["10.1.0.0/16", "n1,n2,n3", "0/3"]] * 3
 
 
-def test_a_malformed_value_is_a_warning_and_the_rest_still_lists(cli, tmp_path):
+def test_malformed_values_are_listed_as_invalid_with_one_warning(cli, tmp_path):
     cli.ok("apply", "-f", manifest_file(tmp_path, network("blue")))
     cli.put("/zmesh/v1/networks/broken", '{"apiVersion": "zmesh.io/v1", "kind": ')
     cli.put("/zmesh/v1/networks/reserved", json.dumps(network("reserved") | {"spec": {"ipRange": "100.64.0.0/16"}}))
     cli.put("/zmesh/v1/networks/misnamed", json.dumps(network("other")))
     code, out, err = cli("get", "networks")
     assert code == 0
-    assert [line.split()[0] for line in out.splitlines()] == ["NAME", "blue"]
-    assert "zmesh: warning: /zmesh/v1/networks/broken: value is not valid JSON" in err
-    assert "zmesh: warning: /zmesh/v1/networks/reserved: spec.ipRange: ipRange 100.64.0.0/16 overlaps" in err
-    assert "zmesh: warning: /zmesh/v1/networks/misnamed: metadata.name 'other' does not match" in err
-    assert len(err.splitlines()) == 3
+    rows = {line.split()[0]: line.split("   ")[-1].strip() for line in out.splitlines()[1:]}
+    assert rows == {"blue": "NoStatus (n1, n2, n3)", "broken": "InvalidSpec", "misnamed": "InvalidSpec",
+                    "reserved": "InvalidSpec"}
+    assert err == ("zmesh: warning: 3 invalid networks in etcd: broken, misnamed, reserved "
+                   "('zmesh describe network NAME' shows why)\n")
+    # Only what concerns the command: listing workloads says nothing about networks.
+    assert cli("get", "workloads")[2] == "No workloads found.\n"
 
 
 def test_get_nodes_shows_endpoints_hidden_and_alive(cli):
@@ -289,24 +209,34 @@ def test_describe_and_status_show_what_the_agents_report(cli, tmp_path):
     cli.put("/zmesh/v1/nodes/n1/status/networks/blue", nr_status("n1", gen))
     cli.put("/zmesh/v1/nodes/n2/status/networks/blue", nr_status("n2", gen, ready="False"))
     cli.put("/zmesh/v1/nodes/n3/status/networks/blue", "garbage: [")
+    cli.put("/zmesh/v1/nodes/n1/status/workloads/web", json.dumps({
+        "apiVersion": "zmesh.io/v1", "kind": "WorkloadStatus", "workload": "web", "node": "n1",
+        "observedGeneration": cli.json("get", "workloads", "web")["metadata"]["generation"], "conditions": [{"type": "Ready", "status": "False", "reason": "AttachFailed",
+                                                 "message": "network namespace ctr-web does not exist (yet)",
+                                                 "lastTransitionTime": "2026-01-01T00:00:00Z"}]}))
     cli.put("/zmesh/v1/nodes/n1/mesh/facts/blue", json.dumps({
         "apiVersion": "zmesh.io/v1", "kind": "NetworkResourceFacts", "network": "blue", "node": "n1",
         "publicKey": "A" * 43 + "=", "listenPort": 51820, "endpoints": ["198.51.100.12"],
         "subnet": "10.1.1.0/24"}))
     code, out, err = cli("describe", "network", "blue")
     assert code == 0
-    assert "Ready:        1/3 network resources" in out
+    assert "Ready:        1/3 network resources (not ready: PeerMissing (n2); StatusUnreadable (n3))" in out
     assert "n3  subnet 10.1.3.0/24  gateway 10.1.3.1  (hidden, alive)" in out
     assert "PeerMissing" in out and "no peer for n3 yet" in out
-    assert "zmesh: warning: /zmesh/v1/nodes/n3/status/networks/blue" in err
+    assert "    unreadable: NetworkResourceStatus at /zmesh/v1/nodes/n3/status/networks/blue: " in out
+    assert err == ""
+    assert out.splitlines()[-3:] == ["Workloads:", "  NAME   NODE   IP          READY   REASON",
+                                     "  web    n1     10.1.1.10   False   AttachFailed"]
     assert "listen port 51820; endpoints 198.51.100.12; public key " + "A" * 43 + "=" in out
-    assert cli.ok("get", "networks").splitlines()[1].split()[3] == "1/3"
+    row = cli.ok("get", "networks").splitlines()[1]
+    assert row.split()[3] == "1/3" and row.endswith("PeerMissing (n2); StatusUnreadable (n3)")
     status = cli.json("status")
     assert status["nodes"]["alive"] == 3
     assert status["networks"]["items"] == [{"name": "blue", "ready": False, "readyResources": 1, "resources": 3}]
+    assert status["workloads"] == {"total": 1, "ready": 0, "invalid": 0}
     described = cli.json("describe", "network", "blue")
     assert described["status"]["readyResources"] == 1
-    assert "Status:       none reported yet" in cli.ok("describe", "workload", "web")
+    assert "Ready:        False (AttachFailed)" in cli.ok("describe", "workload", "web")
 
 
 # --- delete ----------------------------------------------------------------------------------
@@ -370,7 +300,8 @@ def test_deeply_nested_garbage_in_etcd_is_a_warning_not_a_failure(cli, tmp_path)
     # Too long for a command line: etcdctl reads the value from stdin.
     cli.etcdctl("put", "/zmesh/v1/networks/deep", input="[" * 100_000 + "]" * 100_000)
     code, out, err = cli("get", "networks")
-    assert code == 0 and [line.split()[0] for line in out.splitlines()] == ["NAME", "blue"]
-    assert err == "zmesh: warning: /zmesh/v1/networks/deep: nested too deeply to be a manifest\n"
+    assert code == 0 and [line.split()[0] for line in out.splitlines()] == ["NAME", "blue", "deep"]
+    assert err == "zmesh: warning: 1 invalid network in etcd: deep ('zmesh describe network NAME' shows why)\n"
+    assert "  nested too deeply to be a manifest" in cli.ok("describe", "network", "deep")
     assert cli.ok("apply", "-f", manifest_file(tmp_path, network("blue"))) == "network/blue unchanged\n"
     assert cli.ok("delete", "network", "deep") == "network/deep deleted\n"

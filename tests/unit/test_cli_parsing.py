@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import ipaddress
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +16,15 @@ import yaml
 
 from controller.cli import output
 from controller.cli.main import (
-    CliError,
+    UsageError,
     agent_config,
     agent_main,
     build_parser,
     connection,
-    cross_problems,
     main,
-    read_manifests,
+    package_version,
 )
+from controller.cli.manifests import read_manifests
 from controller.models.manifest import parse_object
 from controller.models.resources import Condition, Node, PortRange, ResourceStatus
 from controller.reconciler.config import AgentConfig, split_endpoints
@@ -68,20 +69,20 @@ def test_flags_beat_the_environment(monkeypatch):
 
 
 @pytest.mark.parametrize("bad", ["host:port", ":2379", "h:70000", "ftp://h:1", "h:1/x"])
-def test_a_bad_etcd_endpoint_is_one_clear_error(bad, capsys):
-    assert main(["--etcd", bad, "get", "networks"]) == 1
+def test_a_bad_etcd_endpoint_is_one_clear_usage_error(bad, capsys):
+    assert main(["--etcd", bad, "get", "networks"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("zmesh: --etcd: bad etcd endpoint")
 
 
 def test_a_prefix_must_be_absolute(capsys):
-    assert main(["--prefix", "zmesh", "status"]) == 1
+    assert main(["--prefix", "zmesh", "status"]) == 2
     assert capsys.readouterr().err == "zmesh: --prefix: 'zmesh' must start with '/'\n"
 
 
 @pytest.mark.parametrize("argv", [
     ["--help"], ["apply", "--help"], ["get", "--help"], ["describe", "--help"], ["delete", "--help"],
-    ["status", "--help"], ["agent", "--help"], ["demo", "--help"],
+    ["status", "--help"], ["agent", "--help"], ["demo", "--help"], ["version", "--help"], ["purge", "--help"],
 ])
 def test_help_everywhere(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -110,19 +111,75 @@ def test_the_entry_points_run(argv):
     assert r.returncode == 0 and "usage:" in r.stdout and r.stderr == ""
 
 
-def test_usage_errors_exit_2(capsys):
+@pytest.mark.parametrize("argv, line", [
+    (["get", "pods"], "zmesh: argument KIND: unknown kind 'pods': use networks | workloads | nodes "
+                      "(see 'zmesh get --help')"),
+    (["get", "netwroks"], "zmesh: argument KIND: unknown kind 'netwroks' (did you mean networks?): "
+                          "use networks | workloads | nodes (see 'zmesh get --help')"),
+    (["apply"], "zmesh: the following arguments are required: -f/--filename (see 'zmesh apply --help')"),
+    (["frobnicate"], "zmesh: argument COMMAND: invalid choice: 'frobnicate'"),
+    (["describe", "node", "n1"], "zmesh: argument KIND: unknown kind 'node': use networks | workloads"),
+    (["delete", "node", "n1"], "zmesh: argument KIND: unknown kind 'node': use networks | workloads"),
+    (["get", "networks", "--bogus"], "zmesh: unrecognized arguments: --bogus"),
+])
+def test_usage_errors_are_one_prefixed_line_and_exit_2(argv, line, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["get", "pods"])
+        main(argv)
     assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(line), err
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["delete", "network"], "zmesh: delete: give KIND NAME..."),
+    (["delete", "network", "blue", "-f", "x.yaml"], "zmesh: delete: give either KIND NAME... or -f FILE"),
+    (["get", "networks", "--network", "blue"], "zmesh: get networks: --network does not apply"),
+    (["get", "nodes", "--node", "n1"], "zmesh: get nodes: --node does not apply"),
+    (["demo", "--world-prefix", "Bad!"], "zmesh: --world-prefix: 'Bad!' must be 1-3 lower-case letters"),
+    (["purge", "--state-dir", "/nonexistent", "--name-prefix", "BAD"], "zmesh: --name-prefix: name prefix 'BAD'"),
+])
+def test_usage_errors_found_after_parsing_exit_2_too(argv, line, capsys):
+    assert main(["--etcd", "127.0.0.1:1", "--timeout", "0.5", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(line), err
+
+
+def test_zmeshd_usage_errors_are_prefixed_zmeshd(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["apply"])  # -f is required
+        agent_main([])
     assert e.value.code == 2
+    assert capsys.readouterr().err == ("zmeshd: the following arguments are required: --node-id "
+                                       "(see 'zmeshd --help')\n")
+
+
+def test_version_and_dash_dash_version(capsys):
+    assert main(["version"]) == 0
+    assert capsys.readouterr().out == f"zmesh {package_version()}\n"
+    assert package_version()[0].isdigit()
+    assert main(["version", "-o", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"zmesh": package_version()}
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"zmesh {package_version()}\n"
 
 
 def test_get_accepts_singular_plural_and_short_kinds():
-    for kind in ["network", "networks", "net", "workload", "workloads", "wl", "node", "nodes"]:
-        assert parse("get", kind).kind == kind
+    for kind, canonical in [("network", "Network"), ("networks", "Network"), ("net", "Network"),
+                            ("workload", "Workload"), ("workloads", "Workload"), ("wl", "Workload"),
+                            ("node", "Node"), ("nodes", "Node"), ("Networks", "Network")]:
+        assert parse("get", kind).kind == canonical
     assert parse("get", "networks", "blue", "-o", "json").output == "json"
+    assert parse("get", "workloads", "-o", "wide", "--network", "blue", "--node", "n1").node == "n1"
+
+
+def test_global_options_are_accepted_after_every_command_that_talks_to_etcd():
+    for argv in (["apply", "-f", "x"], ["get", "nodes"], ["describe", "network", "x"], ["delete", "network", "x"],
+                 ["status"], ["agent", "--node-id", "n1"]):
+        args = parse(*argv, "--etcd", "e:1", "--prefix", "/p/", "--timeout", "3")
+        assert connection(args) == (["e:1"], "/p/", 3.0), argv
+        before = parse("--etcd", "e:2", "--timeout", "4", *argv)
+        assert connection(before) == (["e:2"], "/zmesh/", 4.0), argv
+    assert agent_config(parse("agent", "--node-id", "n1", "--timeout", "3")).etcd_timeout == 3.0
 
 
 # --- agent flags ---------------------------------------------------------------------------
@@ -205,11 +262,11 @@ def test_metrics_port_zero_lets_the_kernel_choose():
     ("--metrics-addr", "9100", "--metrics-addr: bad address"),
     ("--etcd", "h:port", "--etcd: bad etcd endpoint"),
 ])
-def test_bad_agent_flags_are_one_clear_line(flag, value, message, capsys):
+def test_bad_agent_flags_are_one_clear_usage_error(flag, value, message, capsys):
     argv = ["--node-id", "n1", flag, value] if flag != "--node-id" else [flag, value]
-    with pytest.raises(CliError, match=message):
+    with pytest.raises(UsageError, match=message):
         agent_config(agent_args(*argv))
-    assert agent_main(argv) == 1
+    assert agent_main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"zmeshd: {message}") and err.count("\n") == 1
 
@@ -231,9 +288,10 @@ def write(tmp_path, name, docs) -> str:
 def test_read_manifests_from_files_and_stdin(tmp_path, monkeypatch):
     f = write(tmp_path, "a.yaml", [network_doc(), workload_doc()])
     monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(network_doc(name="red"))))
-    objs, problems, _ = read_manifests([f, "-"])
-    assert problems == []
-    assert [(o.kind, o.name) for o in objs] == [("Network", "blue"), ("Workload", "web"), ("Network", "red")]
+    read = read_manifests([f, "-"])
+    assert read.problems == []
+    assert [(it.obj.kind, it.obj.name, it.where) for it in read.items] == [
+        ("Network", "blue", f"{f}#1"), ("Workload", "web", f"{f}#2"), ("Network", "red", "<stdin>")]
 
 
 def test_read_manifests_reports_every_problem_with_its_place(tmp_path):
@@ -243,82 +301,18 @@ def test_read_manifests_reports_every_problem_with_its_place(tmp_path):
     (tmp_path / "empty.yaml").write_text("")
     node = write(tmp_path, "node.json", {"apiVersion": "zmesh.io/v1", "kind": "Node",
                                          "metadata": {"name": "n1"}, "spec": {}})
-    objs, problems, broken = read_manifests([good, bad, str(tmp_path / "broken.json"), str(tmp_path / "empty.yaml"),
-                                     str(tmp_path / "missing.yaml"), node])
-    assert [o.name for o in objs] == ["blue"]
-    text = "\n".join(problems)
-    assert f"{bad}#1 (Network/Bad): metadata.name:" in text
-    assert f"{bad}#2 (Workload/web): spec.ip:" in text
-    assert f"{tmp_path}/broken.json: not valid YAML or JSON" in text
+    read = read_manifests([good, bad, str(tmp_path / "broken.json"), str(tmp_path / "empty.yaml"),
+                           str(tmp_path / "missing.yaml"), node])
+    assert [it.obj.name for it in read.items] == ["blue"]
+    text = "\n".join(read.problems)
+    assert f"{bad}#1 Network/Bad: metadata.name: 'Bad' is not a valid name" in text
+    assert f"{bad}#2 Workload/web: spec.ip: '1.2.3' is not an IPv4 address" in text
+    assert f"{tmp_path}/broken.json:1:10: not valid YAML or JSON: " in text
     assert f"{tmp_path}/empty.yaml: no documents" in text
     assert f"{tmp_path}/missing.yaml: cannot read: No such file or directory" in text
-    assert "kind 'Node' is not one of Network, Workload" in text
-    assert all("\n" not in p for p in problems)
-    assert broken == {("Network", "Bad"), ("Workload", "web")}
-
-
-# --- cross-object rules ----------------------------------------------------------------------
-
-
-NODES = {"n1", "n2", "n3"}
-
-
-def objs(*docs):
-    return [parse_object(d) for d in docs]
-
-
-def test_a_network_and_its_workloads_in_one_input_are_valid():
-    assert cross_problems(objs(network_doc(), workload_doc(ip="10.1.1.10")), {}, {}, NODES) == []
-
-
-def test_a_network_with_an_unregistered_node_is_rejected():
-    assert cross_problems(objs(network_doc()), {}, {}, {"n1", "n2"}) == [
-        "network/blue: node 'n3' is not a registered node"]
-
-
-def test_a_workload_is_checked_against_its_network_in_etcd():
-    blue = parse_object(network_doc())
-    assert cross_problems(objs(workload_doc(ip="10.1.1.10")), {"blue": blue}, {}, NODES) == []
-    assert cross_problems(objs(workload_doc(ip="10.1.2.10")), {"blue": blue}, {}, NODES) == [
-        "workload/web: ip 10.1.2.10 is outside the node's subnet 10.1.1.0/24"]
-
-
-def test_a_workload_of_a_network_that_exists_nowhere_is_rejected():
-    assert cross_problems(objs(workload_doc()), {}, {}, NODES) == ["workload/web: network 'blue' does not exist"]
-
-
-def test_a_workload_ip_taken_by_a_workload_in_etcd_is_rejected():
-    blue = parse_object(network_doc())
-    old = parse_object(workload_doc(name="old", ip="10.1.1.10"))
-    assert cross_problems(objs(workload_doc(ip="10.1.1.10")), {"blue": blue}, {"old": old}, NODES) == [
-        "workload/web: ip 10.1.1.10 is already used by workload 'old'"]
-
-
-def test_reapplying_a_workload_does_not_conflict_with_itself():
-    blue = parse_object(network_doc())
-    old = parse_object(workload_doc(ip="10.1.1.10"))
-    assert cross_problems(objs(workload_doc(ip="10.1.1.10")), {"blue": blue}, {"web": old}, NODES) == []
-
-
-def test_changing_a_network_must_not_break_workloads_already_in_etcd():
-    old_wl = parse_object(workload_doc(node="n3", ip="10.1.3.10"))
-    shrunk = network_doc(resources=[{"node": "n1", "subnet": "10.1.1.0/24"}])
-    assert cross_problems(objs(shrunk), {}, {"web": old_wl}, NODES) == [
-        "network/blue: existing workload/web would become invalid: node 'n3' is not part of network 'blue'"]
-
-
-def test_workloads_of_an_invalid_network_document_are_not_judged_again():
-    # The network's own problems are reported; "network does not exist" would only confuse.
-    assert cross_problems(objs(workload_doc()), {}, {}, NODES, broken={("Network", "blue")}) == []
-
-
-def test_the_same_object_twice_in_one_input_is_rejected():
-    assert cross_problems(objs(network_doc(), network_doc()), {}, {}, NODES) == [
-        "network/blue: defined more than once in the input"]
-
-
-def test_two_networks_with_the_same_ranges_are_fine():
-    assert cross_problems(objs(network_doc(name="blue"), network_doc(name="red")), {}, {}, NODES) == []
+    assert f"{node}: kind: 'Node' is not one of Network, Workload" in text
+    assert all("\n" not in p for p in read.problems)
+    assert read.broken == {("Network", "Bad"), ("Workload", "web")}
 
 
 # --- output -------------------------------------------------------------------------------
@@ -328,18 +322,22 @@ def test_table_aligns_columns():
     assert output.table(["A", "LONGER"], [["xx", 1], ["y", None]]) == "A    LONGER\nxx   1\ny"
 
 
-def ready(node, gen=1, status="True"):
+def ready(node, gen=1, status="True", reason="Converged"):
     return ResourceStatus(network="blue", node=node, observedGeneration=gen,
-                          conditions=[Condition(type="Ready", status=status, reason="Converged")])
+                          conditions=[Condition(type="Ready", status=status, reason=reason)])
 
 
 def test_network_readiness_counts_nodes_ready_for_the_current_generation():
     net = parse_object(network_doc())
     net.metadata.generation = 5
-    view = output.NetworkView(net, {"n1": ready("n1", 5), "n2": ready("n2", 4), "n3": ready("n3", 5, "False")})
+    view = output.NetworkView(net, {"n1": ready("n1", 5), "n2": ready("n2", 4),
+                                    "n3": ready("n3", 5, "False", "ApplyFailed")})
     assert view.ready_count == 1 and not view.ready
-    row = output.networks_table([view]).splitlines()[1].split()
-    assert row == ["blue", "10.1.0.0/16", "n1,n2,n3", "1/3", "auto", "local", "5"]
+    row = re.split(r"\s{2,}", output.networks_table([view]).splitlines()[1])
+    assert row == ["blue", "10.1.0.0/16", "n1,n2,n3", "1/3", "-", "5", "Updating (n2); ApplyFailed (n3)"]
+    wide = output.networks_table([view], wide=True).splitlines()
+    assert wide[0].split()[-3:] == ["EGRESS", "SUBNETS", "REASON"]
+    assert re.split(r"\s{2,}", wide[1])[-2] == "n1=10.1.1.0/24,n2=10.1.2.0/24,n3=10.1.3.0/24"
 
 
 def test_nodes_table_shows_endpoints_hidden_and_alive():
@@ -358,8 +356,9 @@ def test_describe_network_shows_every_nr_and_its_conditions():
     assert "IP range:     10.1.0.0/16" in text
     assert "n1  subnet 10.1.1.0/24  gateway 10.1.1.1  (unregistered node)" in text
     assert "n2  subnet 10.1.2.0/24  gateway 10.1.2.1  (hidden, alive)" in text
-    assert "Ready   True" in " ".join(text.split("  ")) or "Ready" in text
+    assert "    Ready   True     Converged" in text
     assert "status: none reported yet" in text
+    assert text.splitlines()[-2:] == ["Workloads:", "  (none)"]
 
 
 def test_json_output_of_a_list_is_a_kind_list_of_reappliable_manifests():
