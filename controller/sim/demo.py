@@ -494,7 +494,9 @@ class Demo:
         self.p.line()
         self.p.line(f"The world is kept running (--keep). Namespaces: {', '.join(sorted(w._namespaces))}")
         self.p.line(f"  try: ip netns exec {self.workload_ns[first]} ping {self.workload_ip[other]}")
-        self.p.line(f"       zmesh {etcd_opt} describe network {NETWORK}")
+        # As the user started us (`.venv/bin/zmesh` when it is not on PATH), so it can be pasted.
+        prog = sys.argv[0] if os.path.basename(sys.argv[0]) == "zmesh" else "zmesh"
+        self.p.line(f"       {prog} {etcd_opt} describe network {NETWORK}")
         self.p.line(f"       curl -s 127.0.0.1:{next(iter(w.nodes.values())).metrics_port}/metrics")
         self.p.line("Press Ctrl-C to clean up.")
         await self.stop.wait()

@@ -122,7 +122,7 @@ class DemoRun:
     # The ids the demo printed, to tell its leftovers from other runs' objects.
     @property
     def world_id(self) -> str | None:
-        m = re.search(r"World (z[a-z0-9]{2}):", self.output)
+        m = re.search(r"World ([a-z][a-z0-9]{0,2}):", self.output)
         return m.group(1) if m else None
 
     @property
@@ -251,4 +251,19 @@ def test_demo_on_a_given_etcd_uses_a_private_prefix_and_removes_it(demo_run, etc
                           check=True, capture_output=True, text=True,
                           env={**os.environ, "ETCDCTL_API": "3"}).stdout.split()
     assert keys == [user_key]
+    assert leftovers(run, before) == []
+
+
+def test_a_kept_demo_named_by_world_prefix_ends_on_ctrl_c_with_130(demo_run):
+    # Random world ids start with "z": this one cannot collide with another run's.
+    run, before = demo_run("--keep", "--world-prefix", "kp")
+    run.wait_for_line(r"Press Ctrl-C to clean up", timeout=120)
+    assert run.world_id == "kp"
+    ours = sorted(n for n in netns_names() - before.netns if n.startswith("kp"))
+    # The world's own namespaces are kp-..., its agents' NRs kp<node>-...
+    assert ours and all(re.match(r"kp(\d+)?-", n) for n in ours) and "kp-inet" in ours, ours
+    run.proc.send_signal(signal.SIGINT)
+    exit_code = run.finish(timeout=60)
+    assert exit_code == 130, f"exit {exit_code}\nstdout:\n{run.output}\nstderr:\n{run.stderr}"
+    assert "demo stopped by SIGINT" in run.output and "Cleaned up" in run.output, run.output
     assert leftovers(run, before) == []

@@ -1,14 +1,16 @@
 """The CLI against a real etcd: a `Cli` that runs `zmesh` in-process and writes by hand with the
-real etcdctl, and manifest builders. Imported by the CLI tests (the `cli` fixture: conftest.py)."""
+real etcdctl, and manifest builders. Imported by the CLI tests, the `cli` fixture too (nodes n1, n2 and hidden n3 registered)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from controller.cli.main import main
@@ -56,6 +58,15 @@ class Cli:
                 {"apiVersion": "zmesh.io/v1", "kind": "Node", "metadata": {"name": n}, "spec": spec}))
             if alive:
                 self.put(f"{self.prefix}v1/nodes/{n}/mesh/alive", '{"since":"2026-01-01T00:00:00+00:00"}')
+
+
+@pytest.fixture
+def cli(etcd, capsys):
+    if not shutil.which("etcdctl"):
+        pytest.skip("etcdctl not installed")
+    c = Cli(etcd, capsys)
+    c.register("n1", "n2", "n3", hidden=("n3",))
+    return c
 
 
 def network(name="blue", nodes=("n1", "n2", "n3"), **spec) -> dict:

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import yaml
 
-from cli_world import EXAMPLE, ZMESH, Cli, manifest_file, network, without_generation, workload
+from cli_world import EXAMPLE, ZMESH, Cli, cli, manifest_file, network, without_generation, workload  # noqa: F401
 
 pytestmark = pytest.mark.etcd
 

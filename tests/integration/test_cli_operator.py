@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from cli_world import ZMESH, Cli, manifest_file, network, workload
+from cli_world import ZMESH, Cli, cli, manifest_file, network, workload  # noqa: F401
 from controller.sim.etcd import EmbeddedEtcd
 
 pytestmark = pytest.mark.etcd

@@ -16,6 +16,7 @@ import yaml
 
 from controller.cli import output
 from controller.cli.main import (
+    CliError,
     UsageError,
     agent_config,
     agent_main,
