@@ -496,6 +496,26 @@ class WorkloadStatus(_Strict):
     ip: ipaddress.IPv4Address | None = None
 
 
+EVENT_REASON = r"^[A-Z][A-Za-z0-9]{0,63}$"
+
+
+class NodeEvent(_Strict):
+    """Something that happened on one node, about its NR of a network (or the node itself):
+    kept for a while under the node's own prefix (docs/observability.md, "Events") and shown by
+    `zmesh describe`. Repeats of one event update it (count, lastTimestamp) instead of adding."""
+
+    apiVersion: Literal["zmesh.io/v1"] = API_VERSION
+    kind: Literal["Event"] = "Event"
+    node: NodeId
+    network: Name | None = None  # None: about the node itself
+    type: Literal["Normal", "Warning"]
+    reason: str = Field(pattern=EVENT_REASON)
+    message: str = Field("", max_length=MAX_MESSAGE)
+    count: int = Field(1, ge=1)
+    firstTimestamp: datetime
+    lastTimestamp: datetime
+
+
 SpecObject = Union[Network, Workload]
 AnyObject = Union[Network, Workload, Node]
 KINDS: dict[str, type[BaseModel]] = {
@@ -508,4 +528,5 @@ STATUS_KINDS: dict[str, type[BaseModel]] = {
     "NetworkResourceStatus": ResourceStatus,
     "NetworkResourceFacts": NetworkResourceFacts,
     "WorkloadStatus": WorkloadStatus,
+    "Event": NodeEvent,
 }

@@ -15,7 +15,16 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .resources import API_VERSION, Network, NetworkResourceFacts, Node, ResourceStatus, Workload, WorkloadStatus
+from .resources import (
+    API_VERSION,
+    Network,
+    NetworkResourceFacts,
+    Node,
+    NodeEvent,
+    ResourceStatus,
+    Workload,
+    WorkloadStatus,
+)
 
 SCHEMA_KINDS: dict[str, type[BaseModel]] = {
     "Network": Network,
@@ -24,6 +33,7 @@ SCHEMA_KINDS: dict[str, type[BaseModel]] = {
     "NetworkResourceStatus": ResourceStatus,
     "NetworkResourceFacts": NetworkResourceFacts,
     "WorkloadStatus": WorkloadStatus,
+    "Event": NodeEvent,
 }
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "crds"

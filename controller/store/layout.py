@@ -72,6 +72,10 @@ class Layout:
     def node_events(self, node: str) -> str:
         return f"{self.node_root(node)}events/"
 
+    def events_of(self, node: str, network: str | None) -> str:
+        """The events node `node` recorded about its NR of `network` (None: about itself)."""
+        return f"{self.node_events(node)}" + (f"networks/{network}/" if network else "node/")
+
     def parse_node_key(self, key: str) -> tuple[str, str] | None:
         """(node, rest) of a key under `nodes/`, e.g. ("n1", "mesh/facts/blue"); else None."""
         rest = key.removeprefix(self.nodes())

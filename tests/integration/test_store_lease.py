@@ -5,20 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from waits import wait_for
 
 from controller.models.resources import Node
 
 pytestmark = pytest.mark.etcd
 
 NODE = Node.model_validate({"metadata": {"name": "node-a"}, "spec": {}})
-
-
-async def wait_for(cond, timeout: float, what: str):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 async def test_alive_key_outlives_its_ttl_while_kept_alive_and_expires_after(store):
