@@ -5,8 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # openssl: the tests make their etcd TLS certificates with it (controller/sim/pki.py).
+# prometheus (with promtool) and chromium: the tests check deploy/'s rules and dashboard on a
+# real Prometheus and render the agent's mesh page in headless Chromium (docs/observability.md).
 DEBIAN_PACKAGES=(etcd-server etcd-client wireguard-go wireguard-tools nftables iproute2
-                 iputils-ping python3-venv python3-pip procps openssl)
+                 iputils-ping python3-venv python3-pip procps openssl prometheus chromium)
 
 missing=()
 for p in "${DEBIAN_PACKAGES[@]}"; do
@@ -17,8 +19,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# Debian's etcd-server package starts a system etcd on 127.0.0.1:2379; Zero-Mesh's demo and
-# tests start their own on free ports and never touch it.
+# Debian's etcd-server and prometheus packages start system services (etcd on 127.0.0.1:2379,
+# Prometheus on :9090) where an init system runs them; Zero-Mesh's demo and
+# tests start their own on free ports and never touch them.
 
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv

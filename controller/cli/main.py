@@ -22,11 +22,15 @@ from controller.models.resources import Network
 from controller.store.access import ConfigError, EtcdAccess, read_password_file
 from controller.reconciler.config import (
     DEFAULT_METRICS_ADDR,
+    DEFAULT_OBSERVE_INTERVAL,
+    DEFAULT_PEER_SERIES_LIMIT,
+    DEFAULT_STALE_AFTER,
     DEFAULT_PREFIX,
     DEFAULT_STATE_DIR,
     LOG_LEVELS,
     AgentConfig,
     parse_endpoint,
+    parse_count,
     parse_host_port,
     parse_interval,
     parse_node_id,
@@ -281,6 +285,15 @@ def add_agent_options(p: argparse.ArgumentParser, top: bool = True) -> None:
                    help="full reconcile of every network this often (default: 30)")
     p.add_argument("--metrics-addr", default=DEFAULT_METRICS_ADDR, metavar="HOST:PORT",
                    help=f"serve /metrics, /healthz, /readyz here (default: {DEFAULT_METRICS_ADDR})")
+    p.add_argument("--observe-interval", default=f"{DEFAULT_OBSERVE_INTERVAL:g}", metavar="SECONDS",
+                   help="read every NR's WireGuard counters and handshakes this often, apart from "
+                        "reconciles (default: %(default)s)")
+    p.add_argument("--peer-stale-after", default=f"{DEFAULT_STALE_AFTER:g}", metavar="SECONDS",
+                   help="a peer that should be talking and was not heard from for this long is "
+                        "stale (default: %(default)s; see docs/observability.md)")
+    p.add_argument("--metrics-peer-limit", default=str(DEFAULT_PEER_SERIES_LIMIT), metavar="N",
+                   help="per-peer metric series for at most N peers of this node (default: "
+                        "%(default)s; per-network totals always count every peer)")
     p.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
     p.add_argument("--reconcile-workers", type=_workers, default=4, metavar="N",
                    help="networks reconciled at the same time (default: 4)")
@@ -302,7 +315,7 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
     host, port = conv("--metrics-addr", parse_host_port, args.metrics_addr)
     _endpoints, prefix, timeout = connection(args)
     access = etcd_access(args)
-    return AgentConfig(
+    fields = dict(
         node_id=conv("--node-id", parse_node_id, args.node_id),
         etcd=access.endpoints,
         etcd_cacert=access.cacert, etcd_cert=access.cert, etcd_key=access.key,
@@ -320,7 +333,14 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
         etcd_timeout=timeout,
         indexer=args.indexer,
         reconcile_workers=args.reconcile_workers,
+        observe_interval=conv("--observe-interval", parse_interval, args.observe_interval),
+        peer_stale_after=conv("--peer-stale-after", parse_interval, args.peer_stale_after),
+        metrics_peer_limit=conv("--metrics-peer-limit", parse_count, args.metrics_peer_limit),
     )
+    try:
+        return AgentConfig(**fields)
+    except ValueError as e:  # settings that are only wrong together (CliError is no ValueError)
+        raise CliError(str(e)) from None
 
 
 def _prefix(value: str | None) -> str:
@@ -471,15 +491,17 @@ async def cmd_describe(args, store: StoreView) -> int:
     if args.kind == "Network":
         view = await store.network_view(found)
         workloads = await store.workload_views([w for w in await store.workloads() if w.spec.network == found.name])
+        events = await store.events(found)
         if args.output == "text":
             nodes = {v.node.name: v for v in await store.nodes()}
-            print(output.describe_network(view, nodes, workloads))
+            print(output.describe_network(view, nodes, workloads, events))
             return EXIT_OK
         data = output.manifest(view.network)
         data["status"] = {"readyResources": view.ready_count, "ready": view.ready,
                           "resources": [output.manifest(s) for s in view.statuses.values()],
                           "workloads": [{"name": v.workload.name, "node": v.workload.spec.node,
-                                         "ready": v.ready_text, "reason": v.reason} for v in workloads]}
+                                         "ready": v.ready_text, "reason": v.reason} for v in workloads],
+                          "events": [e.model_dump(mode="json", exclude_none=True) for e in events]}
     else:
         view = (await store.workload_views([found]))[0]
         if args.output == "text":

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from controller.models.resources import (
-    Condition, Network, NetworkResourceFacts, Node, ResourceStatus, Workload, WorkloadStatus,
+    Condition, Network, NetworkResourceFacts, Node, NodeEvent, ResourceStatus, Workload, WorkloadStatus,
 )
 
 
@@ -206,7 +206,8 @@ def _conditions_lines(conditions: list[Condition], indent: str) -> list[str]:
 AGGREGATORS_NONE = "(none: hidden nodes of this network get no peers)"
 
 
-def describe_network(view: NetworkView, nodes: dict[str, NodeView], workloads: list[WorkloadView] = ()) -> str:
+def describe_network(view: NetworkView, nodes: dict[str, NodeView], workloads: list[WorkloadView] = (),
+                     events: Sequence[NodeEvent] = ()) -> str:
     n = view.network
     s = n.spec
     lines = [
@@ -250,7 +251,18 @@ def describe_network(view: NetworkView, nodes: dict[str, NodeView], workloads: l
         lines += ["  " + line for line in table(
             ["NAME", "NODE", "IP", "READY", "REASON"],
             [[v.workload.name, v.workload.spec.node, v.ip, v.ready_text, v.reason] for v in workloads]).splitlines()]
+    lines += events_lines(events)
     return "\n".join(lines)
+
+
+def events_lines(events: Sequence[NodeEvent]) -> list[str]:
+    """kubectl-style Events: the most recently seen last."""
+    if not events:
+        return ["Events:       <none>"]
+    rows = [[e.lastTimestamp.strftime("%Y-%m-%dT%H:%M:%SZ"), e.node, e.type, e.reason, e.count, e.message]
+            for e in events]
+    return ["Events:"] + ["  " + line for line in table(
+        ["LAST SEEN", "NODE", "TYPE", "REASON", "COUNT", "MESSAGE"], rows).splitlines()]
 
 
 def describe_workload(view: WorkloadView) -> str:

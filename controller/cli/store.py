@@ -179,6 +179,12 @@ class StoreView:
     async def network(self, name: str) -> Network | None:
         return next((n for n in await self.networks() if n.name == name), None)
 
+    async def events(self, network: Network) -> list:
+        """The events the network's nodes recorded about it, the most recently seen last."""
+        from controller.store.events import read_events  # lazy, like the store itself
+
+        return await read_events(self.store, network.spec.nodes, network.name)
+
     # --- writes: admission reads (controller/store/specs.py), the CLI orchestrates ---------
 
     async def snapshot(self, items):

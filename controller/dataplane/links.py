@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections import Counter
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
@@ -165,17 +166,17 @@ class Links:
 
     def __init__(self, pool: NetlinkPool | None = None) -> None:
         self.pool = pool or NetlinkPool()
-        self._writes = 0  # kernel writes made so far (0 on a converged resync)
+        # Kernel writes made so far, by kind (netns, link, address, route, sysctl): all zero on
+        # a converged resync.
+        self.writes_by_kind: Counter[str] = Counter()
 
     @property
     def writes(self) -> int:
-        return self._writes
+        return sum(self.writes_by_kind.values())
 
-    @writes.setter
-    def writes(self, value: int) -> None:
-        # Also counted for the reconcile that made them (accounting.counting).
-        count("link", value - self._writes)
-        self._writes = value
+    def _wrote(self, kind: str, n: int = 1) -> None:
+        self.writes_by_kind[kind] += n
+        count("link", n)  # also for the reconcile that made them (accounting.counting)
 
     def close(self) -> None:
         self.pool.close()
@@ -183,8 +184,8 @@ class Links:
     async def observe(self, netns: str, sysctls: bool = True) -> NRState | None:
         return await observe_netns(self.pool, netns, sysctls)
 
-    async def _w(self, coro):
-        self.writes += 1
+    async def _w(self, kind: str, coro):
+        self._wrote(kind)
         return await coro
 
     # --- NR namespace ---------------------------------------------------------------------
@@ -194,18 +195,18 @@ class Links:
         n = 0
         fresh = await create_netns(netns)
         if fresh:
-            self.writes += 1
+            self._wrote("netns")
             n += 1
         st = observed if observed is not None and observed.ip_forward is not None else None
         if st is None and not fresh:
             st = await self.observe(netns)
         lo = st.link("lo") if st else None
         if st is None or (lo and not lo.up):  # a fresh namespace: lo (always index 1) is down
-            await self._w((await self.pool.get(netns)).link("set", index=lo.index if lo else 1, state="up"))
+            await self._w("link", (await self.pool.get(netns)).link("set", index=lo.index if lo else 1, state="up"))
             n += 1
         if st is None or not st.ip_forward:
             wrote = await sysctl_set(netns, "net.ipv4.ip_forward", "1")
-            self.writes += int(wrote)
+            self._wrote("sysctl", int(wrote))
             n += int(wrote)
         return n
 
@@ -213,7 +214,7 @@ class Links:
         """Delete the NR namespace with everything in it (veths to workloads die with it)."""
         self.pool.forget(netns)  # an open socket would keep the namespace (and veths) alive
         gone = await delete_netns(netns)
-        self.writes += int(gone)
+        self._wrote("netns", int(gone))
         return gone
 
     # --- links ----------------------------------------------------------------------------
@@ -235,7 +236,7 @@ class Links:
             raise RuntimeError(f"{netns}: {name} exists but is a {br.kind}, not a bridge")
         if br is None:
             kw = {"mtu": mtu} if mtu else {}
-            await self._w(ipr.link("add", ifname=name, kind="bridge", **kw))
+            await self._w("link", ipr.link("add", ifname=name, kind="bridge", **kw))
             n += 1
             br = await _get_link(ipr, name)
         n += await self._ensure_addresses(ipr, br, {gateway})
@@ -272,7 +273,7 @@ class Links:
             raise FileNotFoundError(errno.ENODEV, f"no link {name} in {src_netns or 'own netns'}")
         fd = os.open(netns_path(dst_netns), os.O_RDONLY)
         try:
-            await self._w(ipr.link("set", index=idx[0], net_ns_fd=fd))
+            await self._w("link", ipr.link("set", index=idx[0], net_ns_fd=fd))
         finally:
             os.close(fd)
 
@@ -286,16 +287,16 @@ class Links:
             kw["state"] = "up"
         if not kw:
             return 0
-        await self._w(ipr.link("set", index=link.index, **kw))
+        await self._w("link", ipr.link("set", index=link.index, **kw))
         return 1
 
     async def _ensure_addresses(self, ipr, link: LinkState, want: set[IPv4Interface]) -> int:
         n = 0
         for a in link.addresses - want:
-            await self._w(ipr.addr("del", index=link.index, address=str(a.ip), prefixlen=a.network.prefixlen))
+            await self._w("address", ipr.addr("del", index=link.index, address=str(a.ip), prefixlen=a.network.prefixlen))
             n += 1
         for a in want - link.addresses:
-            await self._w(ipr.addr("add", index=link.index, address=str(a.ip), prefixlen=a.network.prefixlen))
+            await self._w("address", ipr.addr("add", index=link.index, address=str(a.ip), prefixlen=a.network.prefixlen))
             n += 1
         return n
 
@@ -314,14 +315,14 @@ class Links:
         have = st.routes_via(dev)
         n = 0
         for dst in sorted(set(have) - want):
-            await self._w(ipr.route("del", dst=str(dst), oif=link.index, table=RT_TABLE_MAIN))
+            await self._w("route", ipr.route("del", dst=str(dst), oif=link.index, table=RT_TABLE_MAIN))
             n += 1
         for dst in sorted(want):
             r = have.get(dst)
             if r is not None and r.gateway is None:
                 continue
             # replace: also takes over a destination that currently points elsewhere
-            await self._w(ipr.route("replace", dst=str(dst), oif=link.index, table=RT_TABLE_MAIN))
+            await self._w("route", ipr.route("replace", dst=str(dst), oif=link.index, table=RT_TABLE_MAIN))
             n += 1
         return n
 
@@ -360,7 +361,7 @@ class Links:
         inner = wst.link(wl.ifname)
         if host is not None and (inner is None or inner.peer_index != host.index):
             # our host end lost its peer (namespace recreated, peer renamed): start over
-            await self._w(ipr.link("del", index=host.index))
+            await self._w("link", ipr.link("del", index=host.index))
             n += 1
             host = None
         if host is None:
@@ -371,6 +372,7 @@ class Links:
             fd = os.open(netns_path(wl.netns), os.O_RDONLY)
             try:
                 await self._w(
+                    "link",
                     ipr.link(
                         "add",
                         ifname=wl.host_ifname,
@@ -378,7 +380,7 @@ class Links:
                         mtu=wl.mtu,
                         master=br.index,
                         peer={"ifname": wl.ifname, "net_ns_fd": fd, "mtu": wl.mtu},
-                    )
+                    ),
                 )
             finally:
                 os.close(fd)
@@ -391,7 +393,7 @@ class Links:
         dflt = wst.route(DEFAULT_ROUTE)
         if dflt is None or dflt.gateway != wl.gateway or dflt.oif != inner.index:
             await self._w(
-                wipr.route("replace", dst="0.0.0.0/0", gateway=str(wl.gateway), oif=inner.index)
+                "route", wipr.route("replace", dst="0.0.0.0/0", gateway=str(wl.gateway), oif=inner.index)
             )
             n += 1
         return n
@@ -405,7 +407,7 @@ class Links:
         if not idx:
             return False
         try:
-            await self._w(ipr.link("del", index=idx[0]))
+            await self._w("link", ipr.link("del", index=idx[0]))
         except NetlinkError as e:
             if e.code != errno.ENODEV:
                 raise

@@ -18,17 +18,22 @@ from controller.dataplane.wireguard import select_backend
 from controller.dataplane.wireguard.base import KeyStore
 from controller.http.metrics import AgentMetrics
 from controller.http.server import HttpServer, Readiness
+from controller.http.snapshot import Snapshot
 from controller.models.resources import Metadata, Node, NodeSpec
 from controller.planner import names
 from controller.planner.plan import NodeContext
 from controller.store.client import StoreError
+from controller.store.events import EventRecorder
 from controller.store.indexer import Indexer
 
 from .config import AgentConfig
+from .meshview import MeshView
+from .observer import Observer
 from .queue import WorkQueue
 from .reconcile import Reconciler
 from .scope import NodeScope
 from .state import LocalState, StateDirInUse
+from .telemetry import Telemetry
 
 log = logging.getLogger("zmesh.agent")
 
@@ -46,17 +51,38 @@ class Agent:
     def __init__(self, config: AgentConfig):
         self.config = config
         names.check_prefix(config.name_prefix)
-        self.metrics = AgentMetrics(config.node_id, package_version())
+        self.reconciler: Reconciler | None = None  # made in run(), once the underlay is known
         self.readiness = Readiness(["registered", "etcd", "reconciled"])
         self.queue: WorkQueue[str] = WorkQueue(name=f"agent-{config.node_id}")
-        self.metrics.observe_queue(lambda: len(self.queue))
         self.store = config.etcd_access.open_store(config.prefix, timeout=config.etcd_timeout)
         self.scope = NodeScope(self.store, config.node_id, self.queue.add)
         self.state = LocalState(config.state_dir)
         self.links = Links()
         self.wireguard = select_backend(str(config.state_dir), config.host_netns, self.links)
-        self.http = HttpServer(self.metrics.registry, self.readiness, config.metrics_host, config.metrics_port)
-        self.reconciler: Reconciler | None = None
+        # Observability: what the agent saw (snapshot), what it exports (metrics), what it tells
+        # the operator in etcd (events); docs/observability.md.
+        self.snapshot = Snapshot(config.node_id, stale_after=config.peer_stale_after,
+                                 observe_interval=config.observe_interval)
+        self.metrics = AgentMetrics(config.node_id, package_version(), snapshot=self.snapshot,
+                                    peer_series_limit=config.metrics_peer_limit,
+                                    wireguard_backend=self.wireguard.kind)
+        self.events = EventRecorder(
+            self.store, config.node_id,
+            on_recorded=lambda e: self.metrics.events.labels(type=e.type, reason=e.reason).inc(),
+            on_dropped=self.metrics.events_dropped.inc)
+        self.telemetry = Telemetry(self.snapshot, self.events, requeue=self.queue.add)
+        self.observer = Observer(self.snapshot, self.wireguard, on_transition=self.telemetry.peer_transition,
+                                 on_error=lambda _network, _error: self.metrics.observe_errors.inc())
+        self._reconciled_revision: dict[str, int] = {}  # network -> scope revision its last reconcile read
+        self._first_revision = 0  # the node's view of etcd when first listed
+        self.metrics.observe_queue(self.queue)
+        self.metrics.observe_etcd(self.store, self.scope.watch_totals, self.revision_lag)
+        self.metrics.observe_managed(self.managed)
+        self.metrics.observe_writes(self.kernel_writes)
+        self.http = HttpServer(self.metrics.registry, self.readiness, config.metrics_host, config.metrics_port,
+                               status=self.status_view,
+                               mesh=MeshView(config.node_id, self.scope, self.snapshot, self.store,
+                                             hidden=config.hidden))
         # Without etcd auth every agent campaigns; the one leader keeps the node index right for
         # specs written by hand with etcdctl (the CLI writes index and spec in one transaction
         # itself). With auth a node may not write the index: `zmesh indexer` does it as admin.
@@ -96,12 +122,14 @@ class Agent:
         self.reconciler = Reconciler(
             ctx=ctx, store=self.store, scope=self.scope, links=self.links, wireguard=self.wireguard,
             keys=KeyStore(str(cfg.state_dir)), state=self.state, port_range=cfg.listen_port_range,
-            metrics=self.metrics, host_netns=cfg.host_netns)
+            metrics=self.metrics, host_netns=cfg.host_netns, telemetry=self.telemetry)
         self.registration = None
         try:
             await self.scope.start()
             if self.indexer is not None:
                 await self.indexer.start()
+            await self.events.start()
+            self._spawn(self.observer.run(), "observer")
             # Networks reconcile in parallel, a bounded number at a time; the queue never runs
             # two reconciles of one network at once.
             self._spawn(self.queue.run(self._work, cfg.reconcile_workers), "workqueue")
@@ -115,6 +143,9 @@ class Agent:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await self.events.flush(timeout=1.0)  # the last events, if etcd answers at once
+            await self.events.stop()
             if self.indexer is not None:
                 await self.indexer.stop()
             if self.registration is not None:
@@ -155,7 +186,48 @@ class Agent:
         self._tasks.append(task)
 
     async def _work(self, network: str) -> float | None:
-        return await self.reconciler.reconcile(network)
+        revision = self.scope.changed.get(network, 0)
+        try:
+            requeue = await self.reconciler.reconcile(network)
+        finally:
+            self.observer.poke(network)  # the numbers right after a change, not a period later
+        self._reconciled_revision[network] = revision
+        return requeue
+
+    # --- read at scrape time (memory only) -------------------------------------------------------
+
+    def revision_lag(self) -> int:
+        """Revisions between the newest change concerning one of our networks and the view its
+        last successful reconcile read; 0 when every change has been reconciled."""
+        current = self._all_networks()
+        behind = [self._reconciled_revision.get(n, self._first_revision)
+                  for n, rev in self.scope.changed.items()
+                  if n in current and rev > self._reconciled_revision.get(n, 0)]
+        if not behind or not self._first_revision:
+            return 0
+        return max(0, max(self.scope.changed.values()) - min(behind))
+
+    def managed(self) -> dict[str, float]:
+        return {"zmesh_networks": len(self.scope.network_names()),
+                "zmesh_network_resources": len(self.state.networks),
+                "zmesh_workloads": sum(len(r.workloads) for r in self.state.networks.values())}
+
+    def kernel_writes(self) -> dict[str, int]:
+        return {**self.links.writes_by_kind,
+                "wireguard": self.reconciler.wg_writes if self.reconciler else 0}
+
+    def status_view(self) -> dict:
+        """/status: the node, its readiness and etcd connection, and everything it observed."""
+        ready, reason = self.readiness()
+        return {
+            **self.snapshot.view(),
+            "version": package_version(),
+            "ready": ready,
+            "readiness": reason,
+            "wireguardBackend": self.wireguard.kind,
+            "etcd": {"connected": self.store.connected, "endpoint": str(self.store.endpoint),
+                     "revision": self.store.revision, "revisionLag": self.revision_lag()},
+        }
 
     def _all_networks(self) -> set[str]:
         """Networks the index names plus those we still have NRs for (to remove them)."""
@@ -186,7 +258,6 @@ class Agent:
         """Ready while the node is registered, every cache of its view of etcd has listed (the
         gate closes again while one re-lists) and every network it knows of has been reconciled
         at least once (a network that only waited for its caches does not count)."""
-        relists = 0
         while True:
             gates = {
                 "registered": self.registration is not None,
@@ -196,10 +267,8 @@ class Agent:
             }
             for gate, is_open in gates.items():
                 (self.readiness.open if is_open else self.readiness.close)(gate)
-            now = self.scope.relists()
-            if now > relists:
-                self.metrics.etcd_watch_restarts.inc(now - relists)
-                relists = now
+            if self.scope.index_synced and not self._first_revision:
+                self._first_revision = self.scope.index.revision
             await asyncio.sleep(0.2)
 
 

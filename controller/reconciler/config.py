@@ -12,6 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from controller.http.snapshot import (
+    DEFAULT_OBSERVE_INTERVAL,
+    DEFAULT_PEER_SERIES_LIMIT,
+    DEFAULT_STALE_AFTER,
+    min_stale_after,
+)
 from controller.models.resources import NodeId, PortRange, parse_public_address
 from controller.store.access import EtcdAccess
 from pydantic import TypeAdapter
@@ -63,6 +69,18 @@ class AgentConfig:
     @property
     def runs_indexer(self) -> bool:
         return self.indexer == "on" or (self.indexer == "auto" and self.etcd_user is None)
+    # Observability (docs/observability.md): how often WireGuard is read apart from reconciles,
+    # when a peer that should be talking counts as stale, and the per-node cap on per-peer series.
+    observe_interval: float = DEFAULT_OBSERVE_INTERVAL
+    peer_stale_after: float = DEFAULT_STALE_AFTER
+    metrics_peer_limit: int = DEFAULT_PEER_SERIES_LIMIT
+
+    def __post_init__(self):
+        if not self.peer_stale_after >= min_stale_after(self.observe_interval):
+            raise ValueError(
+                f"a peer stale-after of {self.peer_stale_after:g} s is too short for an observe interval "
+                f"of {self.observe_interval:g} s: use at least {min_stale_after(self.observe_interval):g} s "
+                "(a healthy peer answers within 10 s, and is seen answering at the next observation)")
 
     @property
     def hidden(self) -> bool:
@@ -115,6 +133,12 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"bad address {text!r}: expected HOST:PORT")
     return (host.strip("[]") or "0.0.0.0"), int(port)
+
+
+def parse_count(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"bad number {text!r}: expected a whole number, 0 or more")
+    return int(text)
 
 
 def parse_interval(text: str) -> float:

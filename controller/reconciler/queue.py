@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
@@ -50,6 +51,11 @@ class WorkQueue(Generic[K]):
         self._timers: dict[K, asyncio.TimerHandle] = {}
         self._waiters: deque[asyncio.Future] = deque()
         self._shutting_down = False
+        # For the metrics: since when a key has been waiting, since when one is processed.
+        self._waiting_since: dict[K, float] = {}
+        self._started: dict[K, float] = {}
+        self.adds = 0  # keys queued (not counting adds coalesced into a waiting key)
+        self.retries = 0  # rate-limited requeues after a failure
 
     # --- adding ---------------------------------------------------------------------------
 
@@ -58,6 +64,8 @@ class WorkQueue(Generic[K]):
         if self._shutting_down or key in self._dirty:
             return
         self._dirty.add(key)
+        self._waiting_since[key] = time.monotonic()
+        self.adds += 1
         if key in self._processing:
             return  # done() requeues it: never two workers on one key
         self._queue.append(key)
@@ -87,6 +95,7 @@ class WorkQueue(Generic[K]):
         """Queue `key` after its next backoff delay; returns the delay."""
         delay = self.backoff(key)
         self._failures[key] = self._failures.get(key, 0) + 1
+        self.retries += 1
         self.add_after(key, delay)
         return delay
 
@@ -123,12 +132,15 @@ class WorkQueue(Generic[K]):
                     self._waiters.remove(waiter)
         key = self._queue.popleft()
         self._dirty.discard(key)
+        self._waiting_since.pop(key, None)
         self._processing.add(key)
+        self._started[key] = time.monotonic()
         return key
 
     def done(self, key: K) -> None:
         """Mark `key` finished; if it was added meanwhile it is queued again now."""
         self._processing.discard(key)
+        self._started.pop(key, None)
         if key in self._dirty:
             self._queue.append(key)
             self._wake_one()
@@ -145,6 +157,18 @@ class WorkQueue(Generic[K]):
     def __len__(self) -> int:
         """Keys waiting to be processed (the depth metric); delayed keys are not counted."""
         return len(self._queue)
+
+    def oldest_wait(self) -> float:
+        """Seconds the longest-waiting queued key has waited (0 when none waits); a key added
+        while it was being processed counts from that add."""
+        now = time.monotonic()
+        return max((now - self._waiting_since[k] for k in self._queue if k in self._waiting_since),
+                   default=0.0)
+
+    def longest_running(self) -> float:
+        """Seconds the longest-running worker has been on its key (0 when idle)."""
+        now = time.monotonic()
+        return max((now - t for t in self._started.values()), default=0.0)
 
     @property
     def processing(self) -> frozenset[K]:
@@ -163,6 +187,7 @@ class WorkQueue(Generic[K]):
         self._timers.clear()
         self._queue.clear()
         self._dirty.clear()
+        self._waiting_since.clear()
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():

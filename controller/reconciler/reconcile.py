@@ -42,6 +42,7 @@ from controller.store.client import Delete, EtcdStore, StoreError
 
 from .scope import NodeScope
 from .state import LocalState
+from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ class Outcome:
 class Reconciler:
     def __init__(self, *, ctx: NodeContext, store: EtcdStore, scope: NodeScope, links: Links,
                  wireguard: WireGuardBackend, keys: KeyStore, state: LocalState,
-                 port_range: PortRange, metrics: AgentMetrics, host_netns: str | None = None):
+                 port_range: PortRange, metrics: AgentMetrics, host_netns: str | None = None,
+                 telemetry: Telemetry | None = None):
         self.ctx = ctx
         self.host_netns = host_netns
         self.store = store
@@ -87,6 +89,7 @@ class Reconciler:
         self.state = state
         self.port_range = port_range
         self.metrics = metrics
+        self.telemetry = telemetry if telemetry is not None else Telemetry(metrics.snapshot)
         self.etcd_writes = 0
         self.wg_writes = 0
         # Listen ports another program (or another agent on this host) turned out to hold.
@@ -118,19 +121,19 @@ class Reconciler:
                 outcome = await asyncio.wait_for(self._reconcile(network), RECONCILE_TIMEOUT)
         except asyncio.TimeoutError:
             self.reconciled.add(network)
-            self.metrics.reconcile.labels(network=network, result="error").inc()
-            self.metrics.reconcile_errors.labels(network=network).inc()
             error = ReconcileTimeout(f"the reconcile did not finish within {RECONCILE_TIMEOUT:g}s; "
                                      "cancelled, will retry")
+            self.metrics.reconcile_failed(network, error)
+            self.telemetry.reconciled(network, ok=False)
             spec, _ = self.scope.network(network)
             if spec is not None:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._publish_failure(spec, error), 5)
             raise error from None
-        except Exception:
+        except Exception as e:
             self.reconciled.add(network)
-            self.metrics.reconcile.labels(network=network, result="error").inc()
-            self.metrics.reconcile_errors.labels(network=network).inc()
+            self.metrics.reconcile_failed(network, e)
+            self.telemetry.reconciled(network, ok=False)
             raise
         finally:
             self.metrics.reconcile_duration.labels(network=network).observe(time.perf_counter() - started)
@@ -140,7 +143,10 @@ class Reconciler:
         if result == "converged" and writes.total:
             result = "changed"
         self.metrics.reconcile.labels(network=network, result=result).inc()
-        self.metrics.network_resources.set(len(self.state.networks))
+        if result in ("converged", "changed", "pending"):
+            # Only a fully applied plan is a baseline for telling drift from a change.
+            self.telemetry.reconciled(network, ok=result != "pending",
+                                      kernel_writes=writes.link + writes.wireguard)
         if result == "removed":
             self.metrics.forget_network(network)
             if network not in self.scope.network_names():  # gone for good: forget it
@@ -211,6 +217,7 @@ class Reconciler:
         peer_facts, bad_facts = self.scope.facts(name)
         desired = plan_network(self.ctx, network, peer_facts, None, workloads,
                                LocalFacts(public_key, port), allocations, bad_facts)
+        self.telemetry.planned(desired)
         try:
             observed = await self._apply_nr(desired, private_key)
         except WireGuardError as e:
@@ -222,6 +229,7 @@ class Reconciler:
                             name, port)
             raise
         attach_problems = await self._apply_workloads(desired, observed, keep=set(kept))
+        self.telemetry.observed_links(name, observed)
 
         workload_problems = {**ip_problems, **attach_problems}
         conditions = [("Ready", "True", "Converged", "network resource is up")]
@@ -231,6 +239,7 @@ class Reconciler:
                                degraded_message(desired.issues, workload_problems)))
         else:
             conditions.append(("Degraded", "False", "AsDesired", ""))
+        conditions.append(self.telemetry.peers_condition(name))
         await self._publish_facts(NetworkResourceFacts(
             network=name, node=self.ctx.node_id, publicKey=public_key, listenPort=port,
             endpoints=list(self.ctx.endpoints), subnet=own.subnet))
@@ -238,14 +247,12 @@ class Reconciler:
         await self._publish_workloads(network, workloads, allocations, workload_problems,
                                       unaddressed=set(ip_problems))
         await self._forget_stale_workload_statuses(name, {w.name for w in workloads} | set(kept))
-        self.metrics.wireguard_peers.labels(network=name).set(len(desired.peers))
         if attach_problems:
             return Outcome("pending", WAIT_FOR_NETNS)
         return Outcome("pending" if desired.issues or workload_problems else "converged")
 
     async def _apply_nr(self, desired: DesiredNR, private_key: str):
         writes = accounting.current()  # this reconcile's own: others run concurrently
-        before = writes.link
         nr_existed = netns_exists(desired.netns)
         # One observation serves every step; it is refreshed only after a step wrote, so a
         # converged NR costs a single netlink dump.
@@ -259,7 +266,8 @@ class Reconciler:
                 seen = writes.link
             return observed
 
-        await self.links.ensure_nr(desired.netns, observed=observed)
+        if await self.links.ensure_nr(desired.netns, observed=observed) and not nr_existed:
+            self.telemetry.created(desired.network, desired.netns)
         await self.links.ensure_bridge(desired.netns, desired.bridge, desired.gateway, mtu=desired.mtu,
                                        observed=await fresh())
         if await self.wg.ensure_device(desired.wg_ifname, desired.netns, observed=await fresh()):
@@ -269,6 +277,7 @@ class Reconciler:
                 log.warning("network %s: WireGuard device %s was gone or hung; restarted it",
                             desired.network, desired.wg_ifname)
                 self.metrics.wireguard_restarts.inc()
+                self.telemetry.wireguard_restarted(desired.network, desired.wg_ifname)
         await self.links.ensure_link(desired.netns, desired.wg_ifname, mtu=desired.mtu, up=True,
                                      observed=await fresh())
         peers = [WgPeer.make(p.public_key, p.allowed_ips, p.endpoint, p.persistent_keepalive or 0)
@@ -283,16 +292,8 @@ class Reconciler:
                                       desired.listen_port, peers, observed=device)
         if ops:
             self._wrote("wireguard")
-            self.metrics.dataplane_writes.labels(kind="wireguard").inc()
-            device = await self.wg.get(desired.wg_ifname, desired.netns)
-        if device is not None:
-            rx = sum(p.rx_bytes for p in device.peers.values())
-            tx = sum(p.tx_bytes for p in device.peers.values())
-            self.metrics.set_wireguard_traffic(desired.network, rx, tx)
         await self.links.ensure_routes(desired.netns, desired.wg_ifname, desired.routes,
                                        observed=await fresh())
-        if writes.link != before:
-            self.metrics.dataplane_writes.labels(kind="link").inc(writes.link - before)
         return await fresh()
 
     async def _apply_workloads(self, desired: DesiredNR, observed, keep: set[str]) -> dict[str, str]:
@@ -367,6 +368,7 @@ class Reconciler:
         await self._delete_own(self.store.layout.facts(self.ctx.node_id, name))
         await self._delete_own(self.store.layout.nr_status(self.ctx.node_id, name))
         self.state.forget(name)
+        self.telemetry.removed(name)
         log.info("removed network resource %s", name)
 
     async def sweep(self, networks: set[str]) -> int:
@@ -417,6 +419,7 @@ class Reconciler:
             generation = network.metadata.generation or 0
         status = ResourceStatus(network=network.name, node=self.ctx.node_id,
                                 observedGeneration=generation, conditions=merged)
+        self.telemetry.published(network.name, generation, current.conditions if current else [], merged)
         await self._put_own(self.store.layout.nr_status(self.ctx.node_id, network.name),
                             status.model_dump_json().encode())
 

@@ -73,6 +73,10 @@ class NodeScope:
         self._peer_networks: dict[str, set[str]] = {}  # peer node -> our networks naming it
         self._network_peers: dict[str, set[str]] = {}  # network -> its peer nodes
         self._parsed: dict[str, tuple[int, object]] = {}  # facts key -> (mod_revision, parse)
+        # For the metrics: the revision of the newest change that concerned each network, and
+        # the watch totals of caches stopped so far (the totals only grow).
+        self.changed: dict[str, int] = {}
+        self._retired = (0, 0)  # (watch events, re-lists)
 
     async def start(self) -> None:
         await self.own.cache.start()
@@ -89,8 +93,21 @@ class NodeScope:
         """Every cache has listed and is watching (false while one re-lists)."""
         return all(c.synced.is_set() for c in self._caches())
 
-    def relists(self) -> int:
-        return sum(c.relists for c in self._caches())
+    def watch_totals(self) -> tuple[int, int]:
+        """(watch events received, re-lists) over every cache this scope ever ran."""
+        caches = self._caches()
+        return (self._retired[0] + sum(c.events for c in caches),
+                self._retired[1] + sum(c.relists for c in caches))
+
+    async def _retire(self, cache: WatchCache) -> None:
+        self._retired = (self._retired[0] + cache.events, self._retired[1] + cache.relists)
+        await cache.stop()
+
+    def _notify(self, network: str, cache: WatchCache | None) -> None:
+        """`on_network(network)`, remembering the revision of the change (the cache's now)."""
+        if cache is not None:
+            self.changed[network] = max(self.changed.get(network, 0), cache.revision)
+        self.on_network(network)
 
     # --- the index drives which keys are watched -------------------------------------------
 
@@ -106,9 +123,9 @@ class NodeScope:
             elif not present:
                 cache = self._specs.pop(name, None)
                 if cache is not None:
-                    await cache.stop()
+                    await self._retire(cache)
                 await self._set_peers(name, set())
-            self.on_network(name)
+            self._notify(name, self.index)
         elif kind == "workloads" and name:
             if present and name not in self._workloads:
                 self._workloads[name] = await WatchCache(
@@ -117,7 +134,7 @@ class NodeScope:
             elif not present:
                 cache = self._workloads.pop(name, None)
                 if cache is not None:
-                    await cache.stop()
+                    await self._retire(cache)
                 self._workload_changed(name)
 
     async def _spec_changed(self, network: str) -> None:
@@ -126,7 +143,7 @@ class NodeScope:
         kv = cache.get(self.layout.network(network)) if cache else None
         nodes = (lenient_nodes("Network", kv.value) or []) if kv else []
         await self._set_peers(network, set(nodes) - {self.node_id})
-        self.on_network(network)
+        self._notify(network, cache)
 
     async def _set_peers(self, network: str, peers: set[str]) -> None:
         before = self._network_peers.pop(network, set())
@@ -146,19 +163,20 @@ class NodeScope:
                 self._peer_networks.pop(peer, None)
                 cache = self._peers.pop(peer, None)
                 if cache is not None:
-                    await cache.stop()
+                    await self._retire(cache)
                 for key in [k for k in self._parsed if k.startswith(self.layout.node_mesh(peer))]:
                     del self._parsed[key]
 
     def _peer_changed(self, peer: str, key: str) -> None:
         tail = key[len(self.layout.node_mesh(peer)):]
         kind, _, network = tail.partition("/")
+        cache = self._peers.get(peer)
         if kind == "facts" and network:
             if network in self._peer_networks.get(peer, ()):
-                self.on_network(network)
+                self._notify(network, cache)
         else:  # liveness (or anything else the peer tells the mesh) concerns all we share
             for network in sorted(self._peer_networks.get(peer, ())):
-                self.on_network(network)
+                self._notify(network, cache)
 
     def _workload_changed(self, name: str) -> None:
         """Look again at the network the workload names now and the one it named before."""
@@ -170,7 +188,7 @@ class NodeScope:
         else:
             self._workload_network[name] = now
         for network in {before, now} - {None}:
-            self.on_network(network)
+            self._notify(network, self._workloads.get(name) or self.index)
 
     # --- reads -----------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ class WatchCache(Service):
         self.revision = 0  # the store revision `items` reflects
         self.synced = asyncio.Event()
         self.relists = 0  # how many times the cache re-listed after a break
+        self.events = 0  # watch events received
 
     def __repr__(self) -> str:
         return f"WatchCache({self.key!r}, prefix={self.prefix})"
@@ -65,6 +66,7 @@ class WatchCache(Service):
             try:
                 await self._relist()
                 async for ev in self.store.watch(self.key, prefix=self.prefix, start_revision=self.revision + 1):
+                    self.events += 1
                     if ev.type == "put":
                         self.items[ev.key] = KV(ev.value, ev.mod_revision)
                     else:

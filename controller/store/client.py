@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import AsyncIterator, Awaitable, Callable, Literal, NamedTuple, TypeVar
@@ -276,6 +277,10 @@ class EtcdStore:
         self._client_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
+        # Observability: told (operation, seconds, ok) after every call, failover included.
+        self.on_request: Callable[[str, float, bool], None] | None = None
+        self.revision = 0  # the newest cluster revision any response carried
+        self.failovers = 0  # moves to the next endpoint after a connection error
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -300,6 +305,11 @@ class EtcdStore:
     def endpoint(self) -> Endpoint:
         """The endpoint in use (or to be tried next)."""
         return self.endpoints[self._current]
+
+    @property
+    def connected(self) -> bool:
+        """False from a failed call until one succeeds again (True before the first call)."""
+        return not self._unreachable
 
     async def _connected(self) -> Connection:
         async with self._client_lock:
@@ -327,9 +337,24 @@ class EtcdStore:
                 self._unreachable = True
                 await self._drop_client()
                 self._current = (self._current + 1) % len(self.endpoints)
+                self.failovers += 1
 
     async def _call(self, fn: Callable[[Connection], Awaitable[T]], what: str) -> T:
         """Run `fn(client)`, failing over between endpoints on connection errors."""
+        started = time.monotonic()
+        ok = False
+        try:
+            result = await self._call_failing_over(fn, what)
+            ok = True
+            header = getattr(result[1] if isinstance(result, tuple) else result, "header", None)
+            if header is not None and header.revision > self.revision:
+                self.revision = header.revision
+            return result
+        finally:
+            if self.on_request is not None:
+                self.on_request(operation_of(what), time.monotonic() - started, ok)
+
+    async def _call_failing_over(self, fn: Callable[[Connection], Awaitable[T]], what: str) -> T:
         last = ""
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(_Retry),
@@ -872,6 +897,20 @@ async def _close_quietly(client: Connection) -> None:
         await client.close()
     except Exception:  # closing a broken channel may fail; it is gone either way
         pass
+
+
+_KV_OPERATIONS = ("range", "put", "delete", "transaction", "compact", "watch")
+_LEASE_OPERATIONS = ("grant", "keep-alive", "revoke")
+OPERATIONS = _KV_OPERATIONS + tuple("lease_" + op.replace("-", "_") for op in _LEASE_OPERATIONS) + ("other",)
+
+
+def operation_of(what: str) -> str:
+    """The operation of a call's description, never its key (a bounded metric label, one of
+    OPERATIONS): "range /zmesh/v1/x" -> "range", "lease keep-alive" -> "lease_keep_alive"."""
+    word, _, rest = what.partition(" ")
+    if word == "lease" and rest in _LEASE_OPERATIONS:
+        return "lease_" + rest.replace("-", "_")
+    return word if word in _KV_OPERATIONS else "other"
 
 
 def _channel_closed_under_us() -> bool:

@@ -5,20 +5,10 @@ by World.close(), also when a test fails."""
 from __future__ import annotations
 
 import pytest
-from meshlib import RESYNC, Mesh
-
-from controller.sim.world import World
+from meshlib import running_mesh
 
 
 @pytest.fixture
 async def mesh(etcd):
-    async with World(etcd.endpoints, resync_interval=RESYNC) as world:
-        m = Mesh(world, etcd)
-        try:
-            yield m
-        finally:
-            # On failure, the agents' logs are the first thing anyone wants to read.
-            for node_id in world.nodes:
-                log = world.agent_log(node_id)
-                if "Traceback" in log or "ERROR" in log:
-                    print(f"--- agent {node_id} log (tail) ---\n{log[-4000:]}")
+    async with running_mesh(etcd) as m:
+        yield m

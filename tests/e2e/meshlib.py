@@ -3,6 +3,7 @@ per node, real wireguard-go. Everything is torn down by World.close(), also when
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -18,6 +19,9 @@ from controller.sim.world import World, metric_total, netns_exec, scrape_metrics
 
 ZMESH = [sys.executable, "-m", "controller.cli.main"]
 RESYNC = 1.5  # seconds: short, so "repaired within one resync" is quick to observe
+# Observe every second and call a peer stale after 16 s without an answer: the shortest
+# stale-after a 1 s interval allows (docs/observability.md), so a broken peer shows in seconds.
+OBSERVE_FAST = ["--observe-interval", "1", "--peer-stale-after", "16"]
 
 
 def wait_until(predicate, timeout: float = 20.0, interval: float = 0.1, what: str = "condition"):
@@ -29,6 +33,21 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.1, what: st
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def running_mesh(etcd, **world_options):
+    """A Mesh on a fresh World (torn down after, also on failure, printing the agents' logs
+    when they hold an error: the first thing anyone wants to read)."""
+    async with World(etcd.endpoints, **{"resync_interval": RESYNC, **world_options}) as world:
+        m = Mesh(world, etcd)
+        try:
+            yield m
+        finally:
+            for node_id in world.nodes:
+                log = world.agent_log(node_id)
+                if "Traceback" in log or "ERROR" in log:
+                    print(f"--- agent {node_id} log (tail) ---\n{log[-4000:]}")
 
 
 class Mesh:
@@ -93,6 +112,10 @@ class Mesh:
     def metric_sum(self, node_id: str, name: str, **labels: str) -> float:
         """The sum of the agent's `name` series whose labels include `labels`."""
         return metric_total(self.metrics_text(node_id), name, **labels)
+
+    def get_json(self, node_id: str, path: str, timeout: float = 5):
+        with urllib.request.urlopen(self.url(node_id, path), timeout=timeout) as r:
+            return json.loads(r.read())
 
     def workload_ns(self, name: str) -> str:
         return f"{self.world.id}-{name}"
@@ -162,3 +185,34 @@ def workload_manifest(name: str, network: str, node: str, netns: str, ip: str | 
     ip_line = f", ip: {ip}" if ip else ""
     return (f"---\napiVersion: zmesh.io/v1\nkind: Workload\nmetadata: {{name: {name}}}\n"
             f"spec: {{network: {network}, node: {node}, netns: {netns}{ip_line}}}\n")
+
+
+@contextlib.contextmanager
+def wireguard_udp_dropped(mesh, node: str, port: int):
+    """An nft table in `node`'s host namespace (made by this test's world) dropping the UDP of
+    its WireGuard port both ways, as a broken path would."""
+    netns = mesh.world.nodes[node].netns
+    rules = f"""table inet zmtest_drop {{
+  chain in {{ type filter hook input priority -300; udp dport {port} drop; }}
+  chain out {{ type filter hook output priority -300; udp sport {port} drop; }}
+}}
+"""
+    subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=rules, text=True,
+                   check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        netns_exec(netns, "nft", "delete", "table", "inet", "zmtest_drop")
+
+
+@contextlib.contextmanager
+def pinging(mesh, src_workload: str, address: str):
+    """Traffic from a workload to an address until the block ends (the pinger is ours, by PID)."""
+    proc = subprocess.Popen(["ip", "netns", "exec", mesh.workload_ns(src_workload), "ping", "-n", "-q",
+                             "-i", "0.5", "-W", "1", address],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

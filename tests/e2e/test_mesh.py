@@ -4,6 +4,7 @@ Every test runs a fresh simulated world (tests/e2e/conftest.py) against a real e
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -221,10 +222,21 @@ async def test_deleting_a_network_removes_everything_it_created(mesh):
         assert mesh.netns_inode(mesh.workload_ns(w)) is not None
         wait_until(lambda: "eth0" not in mesh.links(mesh.workload_ns(w)), 10, what=f"{w}'s veth removed")
     # What the agents published about the network goes with it: only each node's own
-    # registration and liveness stay.
-    published = mesh.etcdctl("get", "--prefix", "--keys-only", "/zmesh/v1/nodes/").stdout.split()
-    assert sorted(published) == sorted(f"/zmesh/v1/nodes/{n}/{k}" for n in SUBNETS
-                                       for k in ("registration", "mesh/alive"))
+    # registration and liveness stay, and the events that tell what happened (its removal
+    # included), which expire with their lease.
+    def published():
+        kvs = json.loads(mesh.etcdctl("get", "--prefix", "-w", "json", "/zmesh/v1/nodes/").stdout).get("kvs", [])
+        return {base64.b64decode(kv["key"]).decode(): kv for kv in kvs}
+
+    def removals():
+        return {json.loads(base64.b64decode(kv["value"]))["node"] for k, kv in published().items()
+                if "/events/networks/blue/" in k and b'"Removed"' in base64.b64decode(kv["value"])}
+    wait_until(lambda: removals() == set(SUBNETS), 10, what="a Removed event from every node")
+    left = published()
+    events = {k: kv for k, kv in left.items() if "/events/networks/blue/" in k}
+    assert sorted(set(left) - set(events)) == sorted(
+        f"/zmesh/v1/nodes/{n}/{k}" for n in SUBNETS for k in ("registration", "mesh/alive"))
+    assert all(int(kv.get("lease", 0)) for kv in events.values())
 
 
 async def test_agent_restart_changes_nothing_and_traffic_keeps_flowing(mesh):
@@ -278,8 +290,6 @@ def _proc_state(pid: int) -> str:
 
 
 def _mod_revisions(etcdctl_json: str) -> dict[str, int]:
-    import base64
-
     return {base64.b64decode(kv["key"]).decode(): kv["mod_revision"]
             for kv in json.loads(etcdctl_json).get("kvs", [])}
 

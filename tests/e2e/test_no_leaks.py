@@ -1,10 +1,12 @@
 """Nothing outlives its object, whatever the order of deletion: workloads first, the network
 first, both in one `delete -f`, or while an agent is down. Afterwards no key under the prefix
-remains but the nodes' own registrations and liveness (and the indexer's leased leader key and
-the specs guard, which belong to no object), and each state dir holds only the node's own files."""
+remains but the nodes' own registrations and liveness (and the indexer's leased leader key, the
+specs guard, which belong to no object, and the nodes' leased events, which expire by
+themselves), and each state dir holds only the node's own files."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 
@@ -29,10 +31,19 @@ def manifests(mesh, round_: int) -> tuple[str, str]:
 
 
 def leftovers(mesh) -> list[str]:
-    keys = mesh.etcdctl("get", "--prefix", "--keys-only", "/zmesh/").stdout.split()
+    kvs = json.loads(mesh.etcdctl("get", "--prefix", "--keys-only", "-w", "json", "/zmesh/").stdout).get("kvs", [])
     own = [f"/zmesh/v1/nodes/{n}/{k}" for n in SUBNETS for k in NODE_KEYS]
-    return [k for k in keys if k not in own and not k.startswith("/zmesh/v1/leader/")
-            and not k.startswith("/zmesh/v1/guard")]
+    # Events stay to tell what happened (the removals too) and expire with their lease.
+    events = [f"/zmesh/v1/nodes/{n}/events/" for n in SUBNETS]
+    left = []
+    for kv in kvs:
+        k = base64.b64decode(kv["key"]).decode()
+        if k in own or k.startswith(("/zmesh/v1/leader/", "/zmesh/v1/guard")):
+            continue
+        if k.startswith(tuple(events)) and int(kv.get("lease", 0)):
+            continue
+        left.append(k)
+    return left
 
 
 def state_files(mesh, node: str) -> list[str]:

@@ -359,7 +359,7 @@ def test_describe_network_shows_every_nr_and_its_conditions():
     assert "n2  subnet 10.1.2.0/24  gateway 10.1.2.1  (hidden, alive)" in text
     assert "    Ready   True     Converged" in text
     assert "status: none reported yet" in text
-    assert text.splitlines()[-2:] == ["Workloads:", "  (none)"]
+    assert text.splitlines()[-3:] == ["Workloads:", "  (none)", "Events:       <none>"]
 
 
 def test_json_output_of_a_list_is_a_kind_list_of_reappliable_manifests():

@@ -11,11 +11,13 @@ import pytest
 from controller.http.metrics import AgentMetrics
 from controller.reconciler import reconcile
 from controller.reconciler.reconcile import Reconciler, ReconcileTimeout
+from controller.reconciler.telemetry import Telemetry
 
 
 async def test_a_hung_reconcile_is_cancelled_reported_and_retried(monkeypatch):
     r = Reconciler.__new__(Reconciler)  # only what reconcile() itself touches
     r.metrics, r.reconciled, r.state = AgentMetrics("n1", "0"), set(), SimpleNamespace(networks={})
+    r.telemetry = Telemetry(r.metrics.snapshot)
     spec = object()
     r.scope = SimpleNamespace(network=lambda name: (spec, None))
     cancelled, reported = asyncio.Event(), []
@@ -35,4 +37,5 @@ async def test_a_hung_reconcile_is_cancelled_reported_and_retried(monkeypatch):
         await asyncio.wait_for(r.reconcile("blue"), 5)
     assert cancelled.is_set() and "blue" in r.reconciled
     assert reported == [(spec, "the reconcile did not finish within 0.05s; cancelled, will retry")]
-    assert r.metrics.registry.get_sample_value("zmesh_reconcile_errors_total", {"network": "blue"}) == 1
+    assert r.metrics.registry.get_sample_value("zmesh_reconcile_errors_total",
+                                               {"network": "blue", "reason": "timeout"}) == 1

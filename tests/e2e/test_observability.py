@@ -1,0 +1,239 @@
+"""What an operator sees of a real mesh: a peer whose WireGuard UDP is dropped grows an old
+handshake, turns stale in the metrics, in its NR's condition (with a reason), in the events and
+on the mesh page (rendered by headless Chromium); a scrape during a stuck reconcile answers at
+once; moving the aggregator is counted and recorded while hidden peers, which keep their path
+open with a keepalive, stay up. Real agents, real wireguard-go, real etcd, on a simulated world
+(tests/e2e/conftest.py).
+
+The agents run with `--observe-interval 1 --peer-stale-after 16` (the shortest stale-after that
+interval allows, docs/observability.md), so a broken peer is stale within half a minute."""
+
+from __future__ import annotations
+
+import contextlib
+import html.parser
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from meshlib import (
+    OBSERVE_FAST, network_manifest, pinging, running_mesh, wait_until, wireguard_udp_dropped, workload_manifest,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.etcd]
+
+SUBNETS = {"n1": "10.1.1.0/24", "n2": "10.1.2.0/24", "n3": "10.1.3.0/24", "h1": "10.1.11.0/24"}
+IPS = {"w1": "10.1.1.10", "w2": "10.1.2.10", "w3": "10.1.3.10", "wh": "10.1.11.10"}
+NODE_OF = {"w1": "n1", "w2": "n2", "w3": "n3", "wh": "h1"}
+ARTIFACTS = Path(os.environ.get("ZMESH_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
+
+
+@pytest.fixture
+async def mesh(etcd):
+    async with running_mesh(etcd, agent_args=OBSERVE_FAST) as m:
+        yield m
+
+
+def build(mesh, nodes=("n1", "n2", "n3"), hidden=(), aggregators=()) -> dict[str, str]:
+    """Network blue on public `nodes` and `hidden` ones (behind home router r1), a workload per
+    node; returns {workload: ip} once every workload reaches every other."""
+    mesh.start(*nodes)
+    if hidden:
+        mesh.start_hidden("r1", *hidden)
+    nodes = (*nodes, *hidden)
+    workloads = {w: ip for w, ip in IPS.items() if NODE_OF[w] in nodes}
+    manifest = network_manifest("blue", {n: SUBNETS[n] for n in nodes}, aggregators=list(aggregators))
+    manifest += "".join(workload_manifest(w, "blue", NODE_OF[w], mesh.add_workload_ns(w), ip)
+                        for w, ip in workloads.items())
+    mesh.apply(manifest)
+    mesh.wait_mesh(workloads)
+    return workloads
+
+
+def peer_metric(mesh, node: str, name: str, peer: str) -> float | None:
+    text = mesh.metrics_text(node)
+    from controller.sim.world import metric_total
+
+    if f'peer="{peer}"' not in text:
+        return None
+    return metric_total(text, name, network="blue", peer=peer)
+
+
+def peer_state(mesh, node: str, peer: str) -> str | None:
+    (blue,) = mesh.get_json(node, "/status")["networks"]
+    return next((p["state"] for p in blue["peers"] if p["node"] == peer), None)
+
+
+def nr_condition(mesh, node: str, ctype: str) -> dict:
+    import json
+
+    raw = mesh.etcdctl("get", "--print-value-only", f"/zmesh/v1/nodes/{node}/status/networks/blue").stdout
+    status = json.loads(raw) if raw.strip() else {}
+    return next((c for c in status.get("conditions", []) if c["type"] == ctype), {})
+
+
+class Elements(html.parser.HTMLParser):
+    """Every element's tag and attributes, and the document's text, from a dumped DOM."""
+
+    def __init__(self, dom: str):
+        super().__init__()
+        self.elements: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+        self.feed(dom)
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    def find(self, tag: str, **attrs) -> list[dict]:
+        want = {k.replace("_", "-"): v for k, v in attrs.items()}
+        return [a for t, a in self.elements if t == tag and all(a.get(k) == v for k, v in want.items())]
+
+
+def render(url: str, screenshot: Path) -> Elements:
+    """The page as headless Chromium renders it (its script run, its data fetched), and a
+    screenshot. No name resolves, so Chromium reaches nothing but the agent on loopback."""
+    profile = tempfile.mkdtemp(prefix="zmesh-chromium-")
+    base = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--disable-extensions", "--no-pings",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+            "--virtual-time-budget=8000", "--window-size=1400,1100"]
+    try:
+        dom = subprocess.run(base + ["--dump-dom", url], capture_output=True, text=True, timeout=120)
+        assert dom.returncode == 0, dom.stderr[-2000:]
+        shot = subprocess.run(base + [f"--screenshot={screenshot}", url], capture_output=True, text=True,
+                              timeout=120)
+        assert shot.returncode == 0 and screenshot.stat().st_size > 0, shot.stderr[-2000:]
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    return Elements(dom.stdout)
+
+
+needs_chromium = pytest.mark.skipif(not shutil.which("chromium"), reason="chromium not installed")
+
+
+@needs_chromium
+async def test_a_peer_whose_wireguard_udp_is_dropped_turns_stale_everywhere_an_operator_looks(mesh):
+    build(mesh, hidden=("h1",), aggregators=("n2",))
+    port = (await mesh.wg_device("n3", "blue")).listen_port
+    age_before = peer_metric(mesh, "n1", "zmesh_wireguard_peer_handshake_age_seconds", "n3")
+    assert age_before is not None
+
+    with wireguard_udp_dropped(mesh, "n3", port), pinging(mesh, "w1", IPS["w3"]):
+        # Metrics: n1 keeps sending to n3 and hears nothing back.
+        wait_until(lambda: peer_metric(mesh, "n1", "zmesh_wireguard_peer_stale", "n3") == 1, 90,
+                   interval=0.5, what="n3 stale on n1")
+        age_stale = peer_metric(mesh, "n1", "zmesh_wireguard_peer_handshake_age_seconds", "n3")
+        assert age_stale > age_before and age_stale > 16  # it grew, past the threshold
+        assert mesh.metric_sum("n1", "zmesh_wireguard_peers_stale", network="blue") == 1
+        assert peer_metric(mesh, "n1", "zmesh_wireguard_peer_stale", "n2") == 0  # n2 is fine
+
+        # The NR's condition, with a reason and the peer named.
+        wait_until(lambda: nr_condition(mesh, "n1", "PeersReachable").get("status") == "False", 30,
+                   what="PeersReachable=False on n1")
+        cond = nr_condition(mesh, "n1", "PeersReachable")
+        assert cond["reason"] == "HandshakeStale"
+        assert "n3 (no reply for more than 16 s while sending to it)" in cond["message"]
+        assert nr_condition(mesh, "n1", "Ready")["status"] == "True"  # converged all the same
+
+        # An event, shown by `zmesh describe` like kubectl's.
+        def described():
+            out = mesh.zmesh("describe", "network", "blue").stdout
+            return out if "PeerStale" in out else None
+        out = wait_until(described, 20, what="the PeerStale event in zmesh describe")
+        (line,) = [x for x in out[out.index("Events:"):].splitlines() if "PeerStale" in x]
+        assert line.split()[1:4] == ["n1", "Warning", "PeerStale"]
+        assert line.endswith("peer n3: no reply for more than 16 s while sending to it")
+
+        # The mesh page, rendered by a real browser, with what n1 sees.
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        screenshot = ARTIFACTS / "mesh-page-stale-peer.png"
+        page = render(mesh.url("n1", "/mesh"), screenshot)
+        print(f"mesh page screenshot: {screenshot}")
+        (section,) = page.find("section", data_network="blue")
+        nodes = {a["data-node"]: a for a in page.find("g", **{"class": "node"})}
+        assert set(nodes) == {"n1", "n2", "n3", "h1"}
+        assert nodes["n1"]["data-role"] == "self"
+        assert nodes["n2"]["data-role"] == nodes["n3"]["data-role"] == "public"
+        assert nodes["h1"]["data-role"] == "hidden"  # not a peer of n1: reached via the aggregator
+        assert nodes["h1"]["data-state"] == "none"
+        assert "aggregator n2" in "".join(page.text)
+        assert nodes["n3"]["data-state"] == "stale"
+        assert nodes["n2"]["data-state"] in ("up", "idle")
+        lines = {a["data-peer"]: a["data-state"] for a in page.find("line", **{"class": "peer"})}
+        assert lines == {"n2": nodes["n2"]["data-state"], "n3": "stale"}
+        rows = {a["data-peer"]: a["data-state"] for a in page.find("tr", **{"class": "peer"})}
+        assert rows == lines
+        assert page.find("tr", **{"class": "condition", "data-node": "n1", "data-type": "PeersReachable",
+                                  "data-status": "False"})
+        assert page.find("tr", **{"class": "event", "data-reason": "PeerStale"})
+        assert page.find("span", id="live", **{"class": "muted"})  # not the "agent unreachable" style
+
+    # The path is back: n1 hears n3 again, says so, and records it.
+    wait_until(lambda: peer_metric(mesh, "n1", "zmesh_wireguard_peer_stale", "n3") == 0, 60,
+               interval=0.5, what="n3 heard again")
+    with pinging(mesh, "w1", IPS["w3"]):
+        wait_until(lambda: nr_condition(mesh, "n1", "PeersReachable").get("status") == "True", 30,
+                   what="PeersReachable=True again")
+    wait_until(lambda: "PeerRecovered" in mesh.zmesh("describe", "network", "blue").stdout, 20,
+               what="the PeerRecovered event")
+
+
+async def test_a_scrape_during_a_stuck_reconcile_answers_at_once(mesh):
+    workloads = build(mesh, nodes=("n1", "n2"))
+    pid = mesh.wg_pid("n1", "blue")
+    os.kill(pid, signal.SIGSTOP)  # n1's own wireguard-go (its recorded PID): its socket stops answering
+    try:
+        # The next resync of blue waits on the frozen UAPI socket (5 s per request). A scrape
+        # served while a reconcile has been running for seconds proves /metrics did not wait.
+        def stuck():
+            running = mesh.metric_sum("n1", "zmesh_workqueue_longest_running_seconds")
+            return running if running > 3 else None
+        running = wait_until(stuck, 60, interval=0.2, what="a scrape during a reconcile stuck for 3 s")
+        assert running > 3
+        status = mesh.get_json("n1", "/status")  # the rest of the surface answers too
+        assert [n["name"] for n in status["networks"]] == ["blue"]
+        wait_until(lambda: mesh.metric_sum("n1", "zmesh_observe_errors_total") > 0, 30,
+                   what="the observer reporting the device that does not answer")
+        assert mesh.get_json("n1", "/status")["networks"][0]["observeError"]
+    finally:
+        # The agent may have replaced it as hung meanwhile: continue it only if it is still ours.
+        with contextlib.suppress(OSError):
+            if b"wireguard-go" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGCONT)
+    mesh.wait_mesh(workloads, timeout=60)
+    wait_until(lambda: mesh.metric_sum("n1", "zmesh_workqueue_longest_running_seconds") < 3, 60,
+               what="reconciles quick again")
+
+
+async def test_moving_the_aggregator_is_counted_and_recorded_and_hidden_peers_stay_up(mesh):
+    workloads = build(mesh, nodes=("n1", "n2"), hidden=("h1",), aggregators=("n1",))
+    # h1 keeps its NAT mapping open with a keepalive: with no traffic of ours, both ends of the
+    # hidden peer are up (its handshake renews every few minutes), not idle, never stale.
+    wait_until(lambda: peer_state(mesh, "h1", "n1") == "up" and peer_state(mesh, "n1", "h1") == "up", 30,
+               what="h1 and its aggregator up")
+    for node in ("n1", "n2", "h1"):
+        assert mesh.metric_sum(node, "zmesh_aggregator_info", network="blue", aggregator="n1") == 1
+
+    mesh.apply(network_manifest("blue", {n: SUBNETS[n] for n in ("n1", "n2", "h1")}, aggregators=["n2"]))
+    mesh.wait_mesh(workloads, timeout=60)
+    for node in ("n1", "n2", "h1"):
+        wait_until(lambda: mesh.metric_sum(node, "zmesh_aggregator_info", network="blue", aggregator="n2") == 1,
+                   30, what=f"{node} using aggregator n2")
+        assert mesh.metric_sum(node, "zmesh_aggregator_changes_total", network="blue") == 1
+    wait_until(lambda: peer_state(mesh, "n2", "h1") == "up", 30, what="h1 up at its new aggregator")
+
+    def recorded():
+        out = mesh.zmesh("describe", "network", "blue").stdout
+        lines = [x for x in out[out.index("Events:"):].splitlines() if "AggregatorChanged" in x]
+        return lines if len(lines) == 3 else None
+    lines = wait_until(recorded, 20, what="an AggregatorChanged event per node")
+    assert {x.split()[1] for x in lines} == {"n1", "n2", "h1"}
+    assert all(x.endswith("aggregator is now n2 (was n1)") for x in lines)
