@@ -84,14 +84,17 @@ def _fs_type(fd: int) -> int:
     return ctypes.c_long.from_buffer(buf).value
 
 
-def verify_netns(ref: str) -> tuple[int, int]:
+@contextlib.contextmanager
+def pinned_netns(ref: str):
     """Check that `ref` (a name under /var/run/netns or an absolute path) is a network
-    namespace, without ever blocking on it, and return its identity (dev, inode).
+    namespace, without ever blocking on it, and keep it: yields (identity, path), identity being
+    (dev, inode) and path (/proc/self/fd/N) naming the verified file itself for as long as the
+    block runs, so what is used is what was checked even if the original path is swapped
+    meanwhile. Raises NotANetns with a message naming what the path is instead.
 
     The path is opened with O_PATH | O_NONBLOCK (no open of a FIFO or device, no read) and its
     file system type checked with fstatfs (nsfs); only then is it re-opened through that very
-    descriptor (/proc/self/fd/N: the same file, even if the path was swapped meanwhile) to ask
-    its namespace type. Raises NotANetns with a message naming what the path is instead."""
+    descriptor to ask its namespace type (NS_GET_NSTYPE must say CLONE_NEWNET)."""
     path = netns_path(ref)
     try:
         fd = os.open(path, os.O_PATH | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -100,24 +103,30 @@ def verify_netns(ref: str) -> tuple[int, int]:
     except OSError as e:
         raise NotANetns(f"network namespace {ref} cannot be opened: {e.strerror}") from None
     try:
-        st = os.fstat(fd)
-        if _fs_type(fd) != NSFS_MAGIC:
-            kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode)
-                    else "a regular file" if stat.S_ISREG(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
-                    else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a namespace")
-            raise NotANetns(f"{path} is {kind}, not a network namespace")
-        real = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            nstype = fcntl.ioctl(real, NS_GET_NSTYPE)
-        finally:
-            os.close(real)
-        if nstype != CLONE_NEWNET:
-            raise NotANetns(f"{path} is a namespace, but not a network namespace")
-        return (st.st_dev, st.st_ino)
-    except OSError as e:
-        raise NotANetns(f"network namespace {ref} cannot be checked: {e.strerror}") from None
+            identity = _check_netns_fd(fd, path)
+        except OSError as e:
+            raise NotANetns(f"network namespace {ref} cannot be checked: {e.strerror}") from None
+        yield identity, f"/proc/self/fd/{fd}"
     finally:
         os.close(fd)
+
+
+def _check_netns_fd(fd: int, path: str) -> tuple[int, int]:
+    st = os.fstat(fd)
+    if _fs_type(fd) != NSFS_MAGIC:
+        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode)
+                else "a regular file" if stat.S_ISREG(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a namespace")
+        raise NotANetns(f"{path} is {kind}, not a network namespace")
+    real = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        nstype = fcntl.ioctl(real, NS_GET_NSTYPE)
+    finally:
+        os.close(real)
+    if nstype != CLONE_NEWNET:
+        raise NotANetns(f"{path} is a namespace, but not a network namespace")
+    return (st.st_dev, st.st_ino)
 CLONE_NEWNET = 0x40000000
 MS_REC, MS_BIND, MS_SHARED, MNT_DETACH = 0x4000, 0x1000, 1 << 20, 2
 

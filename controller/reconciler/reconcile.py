@@ -19,7 +19,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from controller.dataplane import accounting
 from controller.dataplane.accounting import count, counting
 from controller.dataplane.links import Links, VethAttachment
-from controller.dataplane.netns import NotANetns, netns_exists, netns_identity, verify_netns
+from controller.dataplane.netns import NotANetns, netns_exists, netns_identity, pinned_netns
 from controller.dataplane.wireguard.base import DesiredPeer as WgPeer
 from controller.dataplane.wireguard.base import KeyStore, WireGuardBackend, WireGuardError
 from controller.dataplane.wireguard.uapi import UAPITimeout
@@ -303,40 +303,44 @@ class Reconciler:
         problems: dict[str, str] = {}
         wanted = {a.veth for a in desired.workloads}
         wanted |= {names.workload_veth(self.ctx.name_prefix, w) for w in keep}
-        forbidden: set | None = None  # read once, only when there is a workload
+        forbidden_cache: dict = {}  # the node's own namespaces, read once, only if needed
         for a in desired.workloads:
-            # Input from someone else: a FIFO or a file there would block or mislead every
-            # later open, so nothing touches the path before it proves to be a network namespace.
-            try:
-                identity = verify_netns(a.netns)
-            except NotANetns as e:
-                problems[a.workload] = str(e)
-                continue
-            if forbidden is None:
-                forbidden = self._node_namespaces()
-            if identity in forbidden:
-                # A spec naming the node's own namespace (or an NR) would get a veth there and
-                # its default route replaced: never touch what is not a container's.
-                problems[a.workload] = (f"network namespace {a.netns} is this node's own or an NR's; "
-                                        "refusing to attach a workload there")
-                continue
-            try:
-                written = await asyncio.wait_for(self.links.ensure_workload(
-                    desired.netns, desired.bridge, VethAttachment(
-                        host_ifname=a.veth, netns=a.netns, ifname=a.interface, address=a.address,
-                        gateway=a.gateway, mtu=a.mtu), observed=observed), NETLINK_TIMEOUT)
-            except asyncio.TimeoutError:  # this workload only; the others go on
-                problems[a.workload] = f"attaching timed out after {NETLINK_TIMEOUT:g}s"
-                written = 1
-            except (OSError, RuntimeError, NetlinkError) as e:  # this workload only
-                problems[a.workload] = str(e)
-                written = 1  # it may have written before failing
+            problem, written = await self._attach(desired, a, observed, forbidden_cache)
+            if problem:
+                problems[a.workload] = problem
             if written:
                 observed = await self.links.observe(desired.netns, sysctls=False)
         for link in (observed.links.values() if observed else ()):
             if link.name not in wanted and names.owns_workload_veth(self.ctx.name_prefix, link.name):
                 await self.links.remove_workload(desired.netns, link.name)
         return problems
+
+    async def _attach(self, desired: DesiredNR, a, observed, forbidden_cache: dict) -> tuple[str | None, int]:
+        """Attach one workload: (problem or None, writes made)."""
+        # Input from someone else: a FIFO or a file there would block or mislead every later
+        # open, so nothing touches the path before it proves to be a network namespace, and what
+        # is then used is the very file checked (pinned by its descriptor), not the path again.
+        try:
+            with pinned_netns(a.netns) as (identity, pinned):
+                if "ids" not in forbidden_cache:
+                    forbidden_cache["ids"] = self._node_namespaces()
+                if identity in forbidden_cache["ids"]:
+                    # A spec naming the node's own namespace (or an NR) would get a veth there
+                    # and its default route replaced: never touch what is not a container's.
+                    return (f"network namespace {a.netns} is this node's own or an NR's; "
+                            "refusing to attach a workload there"), 0
+                try:
+                    written = await asyncio.wait_for(self.links.ensure_workload(
+                        desired.netns, desired.bridge, VethAttachment(
+                            host_ifname=a.veth, netns=pinned, ifname=a.interface, address=a.address,
+                            gateway=a.gateway, mtu=a.mtu), observed=observed), NETLINK_TIMEOUT)
+                except asyncio.TimeoutError:  # this workload only; the others go on
+                    return f"attaching timed out after {NETLINK_TIMEOUT:g}s", 1
+                except (OSError, RuntimeError, NetlinkError) as e:  # this workload only
+                    return str(e).replace(pinned, a.netns), 1  # it may have written before failing
+                return None, written
+        except NotANetns as e:
+            return str(e), 0
 
     def _node_namespaces(self) -> set[tuple[int, int]]:
         """Identities of the agent's and the node host's namespaces and of our NRs."""
