@@ -158,9 +158,10 @@ def test_a_reason_for_what_is_not_ready_and_the_workloads_of_a_network(cli, tmp_
                     ["a", "blue", "n1", "10.1.1.2", "True", "-"],
                     ["b", "blue", "n1", "10.1.1.2", "False", "AddressUnavailable"]]
     described = cli.ok("describe", "network", "blue").splitlines()
-    assert described[-3:] == ["  NAME   NODE   IP         READY   REASON",
+    assert described[-4:] == ["  NAME   NODE   IP         READY   REASON",
                               "  a      n1     10.1.1.2   True    -",
-                              "  b      n1     10.1.1.2   False   AddressUnavailable"]
+                              "  b      n1     10.1.1.2   False   AddressUnavailable",
+                              "Events:       <none>"]  # no agent ran to record any
 
 
 # --- invalid hand-written specs ---------------------------------------------------------------
