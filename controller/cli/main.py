@@ -430,38 +430,45 @@ async def cmd_get(args, store: StoreView) -> int:
     if args.node and kind == "Node":
         raise UsageError("get nodes: --node does not apply (give the NAME instead)")
     wide = args.output == "wide"
+
+    def wanted(name: str, network: str | None = None, nodes=()) -> bool:
+        return ((not args.name or name == args.name) and (not args.network or network == args.network)
+                and (not args.node or args.node in nodes))
+
     if kind == "Network":
         networks, invalid = await store.listing("Network")
-        keep = lambda name, nodes: ((not args.name or name == args.name)  # noqa: E731
-                                    and (not args.node or args.node in nodes))
-        views = await store.network_views([n for n in networks if keep(n.name, n.spec.nodes)])
-        invalid = [o for o in invalid if keep(o.name, o.nodes)]
+        views = await store.network_views([n for n in networks if wanted(n.name, nodes=n.spec.nodes)])
+        invalid = [o for o in invalid if wanted(o.name, nodes=o.nodes)]
         objs = [v.network for v in views]
-        render = lambda: output.networks_table(views, invalid, wide=wide)  # noqa: E731
+
+        def render():
+            return output.networks_table(views, invalid, wide=wide)
     elif kind == "Workload":
         workloads, invalid = await store.listing("Workload")
-
-        def keep(name, network, node):
-            return ((not args.name or name == args.name) and (not args.network or network == args.network)
-                    and (not args.node or node == args.node))
-        views = await store.workload_views([w for w in workloads if keep(w.name, w.spec.network, w.spec.node)])
-        invalid = [o for o in invalid if keep(o.name, args.network, (o.nodes or [None])[0])]
+        views = await store.workload_views([w for w in workloads if wanted(w.name, w.spec.network, [w.spec.node])])
+        invalid = [o for o in invalid if wanted(o.name, o.network, o.nodes)]
         objs = [v.workload for v in views]
-        render = lambda: output.workloads_table(views, invalid, wide=wide)  # noqa: E731
+
+        def render():
+            return output.workloads_table(views, invalid, wide=wide)
     else:
         members = None
         if args.network:
             net = await store.lookup("Network", args.network)
             members = set(net.spec.nodes) if isinstance(net, Network) else set()
-        views = [v for v in await store.nodes()
-                 if (not args.name or v.node.name == args.name) and (members is None or v.node.name in members)]
-        unreadable = [n for n in await store.invalid_nodes(views) if not args.name or n == args.name]
+        every = await store.nodes()
+        views = [v for v in every if (not args.name or v.node.name == args.name)
+                 and (members is None or v.node.name in members)]
+        unreadable = [n for n in await store.invalid_nodes(every)
+                      if (not args.name or n == args.name) and (members is None or n in members)]
         if unreadable:
             store.warnings.append(f"{len(unreadable)} node registration(s) in etcd cannot be read: "
                                   f"{', '.join(unreadable)}")
         invalid = []
         objs = [v.node for v in views]
-        render = lambda: output.nodes_table(views, wide=wide)  # noqa: E731
+
+        def render():
+            return output.nodes_table(views, wide=wide)
     store.warn_invalid(kind, invalid)
     if args.name and not objs and not invalid:
         raise CliError(f"{kind.lower()}/{args.name} not found")

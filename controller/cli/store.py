@@ -46,6 +46,7 @@ class InvalidObject:
     revision: int
     problems: list[str]
     nodes: list[str] = field(default_factory=list)  # the nodes its value names, as far as readable
+    network: str | None = None  # a workload's network, as far as readable
 
     @property
     def ref(self) -> str:
@@ -81,10 +82,12 @@ class StoreView:
         return self._cache[kind]
 
     def _invalid(self, kind: str, key: str, revision: int, problems: list[str], raw: bytes) -> InvalidObject:
-        from controller.store.client import lenient_nodes
+        from controller.store.client import lenient_nodes, lenient_spec
 
         name = key.removeprefix(self.layout.networks() if kind == "Network" else self.layout.workloads())
-        return InvalidObject(kind, name, key, revision, problems, lenient_nodes(kind, raw) or [])
+        network = (lenient_spec(raw) or {}).get("network") if kind == "Workload" else None
+        return InvalidObject(kind, name, key, revision, problems, lenient_nodes(kind, raw) or [],
+                             network if isinstance(network, str) else None)
 
     async def networks(self) -> list[Network]:
         return (await self.listing("Network"))[0]

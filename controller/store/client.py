@@ -955,10 +955,8 @@ def spec_nodes(obj: Network | Workload) -> list[str]:
     return [obj.spec.node]
 
 
-def lenient_nodes(kind: str, raw: bytes) -> list[str] | None:
-    """The nodes a stored spec refers to, even when it is not a valid object (so its index
-    entries can still be found). None when the value has no readable structure at all: then
-    nobody can tell which nodes it meant, and existing entries are best left alone."""
+def lenient_spec(raw: bytes) -> dict | None:
+    """The `spec` mapping of a stored value, however invalid the rest (None: unreadable)."""
     try:
         text = raw.decode()
         try:
@@ -966,6 +964,19 @@ def lenient_nodes(kind: str, raw: bytes) -> list[str] | None:
         except json.JSONDecodeError:
             data = yaml.safe_load(text)
         spec = data.get("spec") or {}
+        return spec if isinstance(spec, dict) else None
+    except Exception:  # any shape of garbage
+        return None
+
+
+def lenient_nodes(kind: str, raw: bytes) -> list[str] | None:
+    """The nodes a stored spec refers to, even when it is not a valid object (so its index
+    entries can still be found). None when the value has no readable structure at all: then
+    nobody can tell which nodes it meant, and existing entries are best left alone."""
+    spec = lenient_spec(raw)
+    if spec is None:
+        return None
+    try:
         if kind == "Network":
             nodes = [r.get("node") for r in spec.get("resources") or [] if isinstance(r, dict)]
         else:

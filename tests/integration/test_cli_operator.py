@@ -147,6 +147,14 @@ def test_get_workloads_by_network_and_node(cli, tmp_path):
     assert cli.ok("get", "networks", "--node", "n1", "-o", "name") == "network/blue\nnetwork/red\n"
     assert cli.ok("get", "nodes", "--network", "red", "-o", "name") == "node/n1\nnode/n2\nnode/n3\n"
     assert cli("get", "workloads", "--network", "nope") == (0, "", "No workloads found.\n")
+    # Invalid values are filtered as far as they can be read, and warned about only when shown.
+    cli.put("/zmesh/v1/workloads/bad", json.dumps(workload("bad", network="red") | {"spec": {"network": "red"}}))
+    assert cli("get", "workloads", "--network", "blue", "-o", "name") == (0, "workload/a\nworkload/b\n", "")
+    code, out, err = cli("get", "workloads", "--network", "red", "-o", "name")
+    assert (code, out) == (0, "workload/bad\nworkload/c\n") and "1 invalid workload in etcd: bad" in err
+    cli.put("/zmesh/v1/nodes/n4/registration", "{broken")
+    assert cli("get", "nodes", "--network", "red")[2] == ""
+    assert cli("get", "nodes")[2] == "zmesh: warning: 1 node registration(s) in etcd cannot be read: n4\n"
 
 
 def test_a_reason_for_what_is_not_ready_and_the_workloads_of_a_network(cli, tmp_path):
