@@ -98,6 +98,16 @@ def allocate_workload_ips(
     return allocated, problems
 
 
+def held_addresses(
+    recorded: Mapping[str, ipaddress.IPv4Address],
+    published: Mapping[str, ipaddress.IPv4Address],
+) -> dict[str, ipaddress.IPv4Address]:
+    """Who holds which address of an NR, as `previous` for `allocate_workload_ips`: the node's
+    own record, and for a workload the record does not know (a lost or older state dir) the
+    address its status says it was given. Either way a running workload keeps its address."""
+    return {**published, **recorded}
+
+
 def _free_hosts(subnet: ipaddress.IPv4Network, taken: Mapping[ipaddress.IPv4Address, str]):
     """Usable host addresses of `subnet` in ascending order, skipping the gateway and `taken`."""
     for ip in subnet.hosts():

@@ -36,7 +36,12 @@ from controller.models.resources import (
     set_condition,
 )
 from controller.planner import names
-from controller.planner.allocation import PortsExhausted, allocate_listen_port, allocate_workload_ips
+from controller.planner.allocation import (
+    PortsExhausted,
+    allocate_listen_port,
+    allocate_workload_ips,
+    held_addresses,
+)
 from controller.planner.plan import PEER_PENDING, DesiredNR, LocalFacts, NodeContext, plan_network
 from controller.store.client import Delete, EtcdStore, StoreError
 
@@ -199,7 +204,7 @@ class Reconciler:
             port = None
             exhausted = e
         workloads, broken = self.scope.workloads_of(name)
-        previous = record.workloads if record else {}
+        previous = held_addresses(record.workloads if record else {}, self._published_addresses(name, workloads))
         # A workload whose spec became unreadable stays attached exactly as it was, keeping
         # its address (bad input never hurts what was running).
         kept = {w: ip for w, ip in previous.items() if w in broken}
@@ -473,6 +478,16 @@ class Reconciler:
                                 observedGeneration=generation, conditions=merged, ip=ip)
         await self._put_own(self.store.layout.workload_status(self.ctx.node_id, name),
                             status.model_dump_json(exclude_none=True).encode())
+
+    def _published_addresses(self, network: str, workloads) -> dict:
+        """workload -> the address this node published for it in `network` (from the cache of
+        its own keys: no await, so allocation stays atomic with its record)."""
+        out = {}
+        for w in workloads:
+            st = self._current_workload_status(w.name)
+            if st is not None and st.ip is not None and st.network == network:
+                out[w.name] = st.ip
+        return out
 
     def _current_workload_status(self, name: str) -> WorkloadStatus | None:
         raw = self.scope.own.get(self.store.layout.workload_status(self.ctx.node_id, name))

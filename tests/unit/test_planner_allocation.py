@@ -5,7 +5,7 @@ from ipaddress import IPv4Address as A, IPv4Network as N
 import pytest
 
 from controller.models.resources import PortRange, Workload
-from controller.planner.allocation import PortsExhausted, allocate_listen_port, allocate_workload_ips
+from controller.planner.allocation import PortsExhausted, allocate_listen_port, allocate_workload_ips, held_addresses
 
 RANGE = PortRange(min=51820, max=51823)
 SUBNET = N("10.1.1.0/29")  # hosts .1-.6; .1 is the gateway
@@ -133,3 +133,12 @@ def test_reserved_addresses_go_to_nobody_else():
                                           {}, reserved=kept)
     assert got == {"fresh": A("10.1.1.3")}
     assert problems == {"fixed": "ip 10.1.1.2 is already used by workload 'unreadable'"}
+
+
+def test_what_a_node_published_holds_an_address_its_record_lost():
+    # The state dir was lost: the published status still says who runs on 10.1.1.2.
+    previous = held_addresses({}, {"dyn": A("10.1.1.2")})
+    ips, problems = allocate_workload_ips(SUBNET, [workload("dyn"), workload("fix", "10.1.1.2")], previous)
+    assert ips == {"dyn": A("10.1.1.2")} and set(problems) == {"fix"}
+    # The record, where it knows the workload, is the truth.
+    assert held_addresses({"dyn": A("10.1.1.3")}, {"dyn": A("10.1.1.2")}) == {"dyn": A("10.1.1.3")}
