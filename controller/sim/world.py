@@ -75,6 +75,15 @@ def new_world_id() -> str:
     return "z" + secrets.choice(string.ascii_lowercase + string.digits) + secrets.choice(string.ascii_lowercase)
 
 
+def free_world_id(attempts: int = 50) -> str:
+    """A random world id no world on this machine uses now (others' tests run worlds too)."""
+    for _ in range(attempts):
+        candidate = new_world_id()
+        if world_id_problem(candidate) is None:
+            return candidate
+    raise RuntimeError(f"no free world id after {attempts} tries")
+
+
 # A world's names are "<id>-..." (namespaces) and "<id><node index>-..." (what its agents make):
 # an id that starts and ends with a letter can never be read as another world's.
 _WORLD_ID_RE = re.compile(r"^[a-z]([a-z0-9]?[a-z])?$")
@@ -192,7 +201,7 @@ class World:
     def __init__(self, etcd_endpoints: list[str], *, world_id: str | None = None,
                  workdir: Path | None = None, agent_args: list[str] | None = None,
                  resync_interval: float = 5.0, python: str | None = None):
-        self.id = world_id or new_world_id()
+        self.id = world_id or free_world_id()
         self.etcd_endpoints = etcd_endpoints
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"zmesh-world-{self.id}-"))
