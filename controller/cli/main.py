@@ -340,7 +340,7 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
     try:
         return AgentConfig(**fields)
     except ValueError as e:  # settings that are only wrong together (CliError is no ValueError)
-        raise CliError(str(e)) from None
+        raise UsageError(str(e)) from None
 
 
 def _prefix(value: str | None) -> str:
