@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import queue
 import re
+import secrets
 import shutil
 import signal
+import string
 import subprocess
 import sys
 import tempfile
@@ -255,13 +257,19 @@ def test_demo_on_a_given_etcd_uses_a_private_prefix_and_removes_it(demo_run, etc
 
 
 def test_a_kept_demo_named_by_world_prefix_ends_on_ctrl_c_with_130(demo_run):
-    # Random world ids start with "z": this one cannot collide with another run's.
-    run, before = demo_run("--keep", "--world-prefix", "kp")
+    # Random world ids start with "z"; this one starts with "k" and is checked free, so it
+    # collides neither with random worlds nor with this test in another engineer's run.
+    from controller.sim.world import world_id_problem
+
+    prefix = next(p for p in (f"k{secrets.choice(string.ascii_lowercase + string.digits)}"
+                              f"{secrets.choice(string.ascii_lowercase)}" for _ in range(100))
+                  if world_id_problem(p) is None)
+    run, before = demo_run("--keep", "--world-prefix", prefix)
     run.wait_for_line(r"Press Ctrl-C to clean up", timeout=120)
-    assert run.world_id == "kp"
-    ours = sorted(n for n in netns_names() - before.netns if n.startswith("kp"))
-    # The world's own namespaces are kp-..., its agents' NRs kp<node>-...
-    assert ours and all(re.match(r"kp(\d+)?-", n) for n in ours) and "kp-inet" in ours, ours
+    assert run.world_id == prefix
+    ours = sorted(n for n in netns_names() - before.netns if n.startswith(prefix))
+    # The world's own namespaces are <prefix>-..., its agents' NRs <prefix><node>-...
+    assert ours and all(re.match(rf"{prefix}(\d+)?-", n) for n in ours) and f"{prefix}-inet" in ours, ours
     run.proc.send_signal(signal.SIGINT)
     exit_code = run.finish(timeout=60)
     assert exit_code == 130, f"exit {exit_code}\nstdout:\n{run.output}\nstderr:\n{run.stderr}"
