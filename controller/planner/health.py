@@ -1,0 +1,73 @@
+"""A prober's verdict on one tunnel, from its probe results over time (pure: the caller passes
+the time in; no clock, no I/O).
+
+    (no verdict) --ok--> Forwarding --fail x FAIL_AFTER--> Failing --ok--> Recovering
+    Recovering --ok for HOLD_DOWN s--> Forwarding;  Recovering --fail x FAIL_AFTER--> Failing
+    Forwarding/Recovering --the target's lease came back after a gap--> Recovering
+
+Failing needs several failures in a row, so one lost probe changes nothing; Recovering blames
+like Failing (aggregator.blamed_nodes), so a tunnel that failed counts again only once it has
+worked for the whole hold-down: a link that comes and goes never gets there, and the choice of
+aggregator does not follow it back and forth. Any failure while Recovering restarts the hold-down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .aggregator import FAILING, FORWARDING, RECOVERING
+
+FAIL_AFTER = 3  # probes in a row
+HOLD_DOWN = 30.0  # seconds a tunnel that failed must work before it counts as Forwarding again
+
+
+@dataclass
+class TunnelHealth:
+    fail_after: int = FAIL_AFTER
+    hold_down: float = HOLD_DOWN
+    state: str | None = None  # None until there is a verdict
+    since: float = 0.0  # when the state was entered (unix time, as the caller counts)
+    failures: int = 0  # consecutive failed probes
+    working_since: float | None = None  # start of the current run of working probes
+
+    def observe(self, ok: bool, now: float) -> bool:
+        """Feed one probe result; True if the verdict changed."""
+        if ok:
+            self.failures = 0
+            if self.working_since is None:
+                self.working_since = now
+            if self.state is None:
+                return self._enter(FORWARDING, now)
+            if self.state == FAILING:
+                return self._enter(RECOVERING, now)
+            if self.state == RECOVERING and now - self.working_since >= self.hold_down:
+                return self._enter(FORWARDING, now)
+            return False
+        self.failures += 1
+        self.working_since = None
+        if self.failures >= self.fail_after and self.state != FAILING:
+            return self._enter(FAILING, now)
+        return False
+
+    def target_returned(self, now: float) -> bool:
+        """The target's liveness lease came back after it had expired: hold the tunnel down as
+        if it had failed (its agent was gone long enough for everyone to fail over)."""
+        if self.state in (FORWARDING, RECOVERING):
+            self.working_since = now
+            return self._enter(RECOVERING, now) if self.state == FORWARDING else False
+        return False
+
+    @classmethod
+    def restored(cls, state: str, since: float, now: float, **kw) -> "TunnelHealth":
+        """The tracker of a verdict this prober published before it restarted: a failing tunnel
+        stays failing until a probe works, a recovering one starts its hold-down again."""
+        h = cls(state=state, since=since, **kw)
+        if state == FAILING:
+            h.failures = h.fail_after
+        elif state == RECOVERING:
+            h.working_since = now
+        return h
+
+    def _enter(self, state: str, now: float) -> bool:
+        self.state, self.since = state, now
+        return True
