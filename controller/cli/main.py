@@ -283,6 +283,11 @@ def add_agent_options(p: argparse.ArgumentParser, top: bool = True) -> None:
                    help="WireGuard listen ports to choose from (default: 51820-52819)")
     p.add_argument("--resync-interval", default="30", metavar="SECONDS",
                    help="full reconcile of every network this often (default: 30)")
+    p.add_argument("--probe-interval", default="1", metavar="SECONDS",
+                   help="probe the tunnels to candidate aggregators this often (default: 1)")
+    p.add_argument("--probe-hold-down", default="30", metavar="SECONDS",
+                   help="a tunnel that failed counts again only after working this long; damps "
+                        "moving back to a recovered aggregator (default: 30)")
     p.add_argument("--metrics-addr", default=DEFAULT_METRICS_ADDR, metavar="HOST:PORT",
                    help=f"serve /metrics, /healthz, /readyz here (default: {DEFAULT_METRICS_ADDR})")
     p.add_argument("--observe-interval", default=f"{DEFAULT_OBSERVE_INTERVAL:g}", metavar="SECONDS",
@@ -327,6 +332,8 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
         public_endpoints=[conv("--public-endpoint", parse_endpoint, e) for e in args.public_endpoint],
         listen_port_range=conv("--listen-port-range", PortRange.parse, args.listen_port_range),
         resync_interval=conv("--resync-interval", parse_interval, args.resync_interval),
+        probe_interval=conv("--probe-interval", parse_interval, args.probe_interval),
+        probe_hold_down=conv("--probe-hold-down", parse_interval, args.probe_hold_down),
         metrics_host=host,
         metrics_port=port,
         log_level=args.log_level,
@@ -504,8 +511,13 @@ async def cmd_describe(args, store: StoreView) -> int:
             print(output.describe_network(view, nodes, workloads, events))
             return EXIT_OK
         data = output.manifest(view.network)
+        choice = view.choice()
         data["status"] = {"readyResources": view.ready_count, "ready": view.ready,
+                          "hiddenNodes": view.hidden,
+                          "aggregator": {"node": choice.node, "reason": choice.reason,
+                                         "message": choice.message},
                           "resources": [output.manifest(s) for s in view.statuses.values()],
+                          "verdicts": [output.manifest(v) for v in view.verdicts.values()],
                           "workloads": [{"name": v.workload.name, "node": v.workload.spec.node,
                                          "ready": v.ready_text, "reason": v.reason} for v in workloads],
                           "events": [e.model_dump(mode="json", exclude_none=True) for e in events]}

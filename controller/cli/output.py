@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 import yaml
 
 from controller.models.resources import (
-    Condition, Network, NetworkResourceFacts, Node, NodeEvent, ResourceStatus, Workload, WorkloadStatus,
+    Condition, Network, NetworkResourceFacts, NetworkResourceVerdicts, Node, NodeEvent, ResourceStatus,
+    Workload, WorkloadStatus,
 )
+from controller.planner.aggregator import AggregatorChoice, choose_aggregator
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
@@ -61,6 +63,19 @@ class NetworkView:
     statuses: dict[str, ResourceStatus] = field(default_factory=dict)  # node → status
     facts: dict[str, NetworkResourceFacts] = field(default_factory=dict)  # node → published facts
     unreadable: dict[str, str] = field(default_factory=dict)  # node → why its status/facts cannot be read
+    verdicts: dict[str, NetworkResourceVerdicts] = field(default_factory=dict)  # node → its verdicts
+    alive: set[str] | None = None  # nodes of the network holding their lease (None: not read)
+
+    def choice(self) -> AggregatorChoice:
+        """The aggregator in effect, derived from etcd exactly as every agent derives it."""
+        s = self.network.spec
+        return choose_aggregator(self.network.name, s.aggregators, s.nodes,
+                                 {n for n, f in self.facts.items() if f.public}, set(self.facts),
+                                 self.alive, {n: v.states() for n, v in self.verdicts.items()})
+
+    @property
+    def hidden(self) -> list[str]:
+        return [n for n in self.network.spec.nodes if n in self.facts and not self.facts[n].public]
 
     @property
     def ready_count(self) -> int:
@@ -203,7 +218,7 @@ def _conditions_lines(conditions: list[Condition], indent: str) -> list[str]:
     return [indent + line for line in t.splitlines()]
 
 
-AGGREGATORS_NONE = "(none: hidden nodes of this network get no peers)"
+AGGREGATORS_EMPTY = "(empty: the 3 live public nodes ranked first by a rendezvous hash of the network name)"
 
 
 def describe_network(view: NetworkView, nodes: dict[str, NodeView], workloads: list[WorkloadView] = (),
@@ -214,11 +229,13 @@ def describe_network(view: NetworkView, nodes: dict[str, NodeView], workloads: l
         f"Name:         {n.name}",
         f"Generation:   {n.metadata.generation or '-'}",
         f"IP range:     {s.ipRange}",
-        f"Aggregators:  {', '.join(s.aggregators) or AGGREGATORS_NONE}",
+        f"Aggregators:  {', '.join(s.aggregators) or AGGREGATORS_EMPTY}",
         f"Egress:       {s.egress or '(every NR exits locally)'}",
         f"Ready:        {view.ready_count}/{len(s.nodes)} network resources"
         + ("" if view.ready else f" (not ready: {view.reason})"),
+        f"Hidden nodes: {', '.join(_hidden_nodes(view, nodes)) or '(none)'}",
     ]
+    lines += _aggregator_lines(view)
     if n.metadata.labels:
         lines.append("Labels:       " + ", ".join(f"{k}={v}" for k, v in sorted(n.metadata.labels.items())))
     lines.append("Network resources:")
@@ -243,6 +260,14 @@ def describe_network(view: NetworkView, nodes: dict[str, NodeView], workloads: l
                 lines.append("    status: none reported yet")
             continue
         lines.append(f"    observedGeneration {st.observedGeneration}")
+        if st.aggregator is not None:
+            a = st.aggregator
+            lines.append(f"    aggregator as this node derives it: {a.node or '(none)'} ({a.reason}), "
+                         f"last switch {a.lastSwitchTime.isoformat()}, {a.switches} switch(es)")
+        verdicts = view.verdicts.get(r.node)
+        if verdicts is not None and verdicts.verdicts:
+            lines.append("    probe verdicts: " + ", ".join(
+                f"{v.node} {v.state} since {v.since.isoformat()}" for v in verdicts.verdicts))
         lines += _conditions_lines(st.conditions, "    ")
     lines.append("Workloads:")
     if not workloads:
@@ -253,6 +278,25 @@ def describe_network(view: NetworkView, nodes: dict[str, NodeView], workloads: l
             [[v.workload.name, v.workload.spec.node, v.ip, v.ready_text, v.reason] for v in workloads]).splitlines()]
     lines += events_lines(events)
     return "\n".join(lines)
+
+
+def _hidden_nodes(view: NetworkView, nodes: dict[str, NodeView]) -> list[str]:
+    """Hidden by what each node published for the network, or by its registration before that."""
+    return [n for n in view.network.spec.nodes
+            if (not view.facts[n].public if n in view.facts else n in nodes and nodes[n].node.spec.hidden)]
+
+
+def _aggregator_lines(view: NetworkView) -> list[str]:
+    """The aggregator in effect and why (from facts, leases and verdicts, as the agents derive
+    it), and whether the nodes' published choices agree with it."""
+    choice = view.choice()
+    lines = [f"Aggregator:   {choice.node or '(none)'} ({choice.reason}): {choice.message}"]
+    published = {n: st.aggregator.node for n, st in view.statuses.items() if st.aggregator is not None}
+    differ = sorted(n for n, a in published.items() if a != choice.node)
+    if differ:
+        lines.append("              not yet followed by: " + ", ".join(
+            f"{n} (uses {published[n] or 'none'})" for n in differ))
+    return lines
 
 
 def events_lines(events: Sequence[NodeEvent]) -> list[str]:

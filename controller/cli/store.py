@@ -135,22 +135,26 @@ class StoreView:
         """node -> the status it published for its NR of `network` (also of an invalid network)."""
         return (await self._published([(network, nodes)]))[network][0]
 
-    async def _published(self, networks: list[tuple[str, list[str]]]) -> dict[str, tuple[dict, dict, dict]]:
-        """network -> (statuses, facts, unreadable) by node, for the (network, nodes) given:
-        the keys of those nodes only, read in batches; never the whole node tree."""
+    async def _published(self, networks: list[tuple[str, list[str]]]) -> dict[str, tuple]:
+        """network -> (statuses, facts, unreadable, verdicts) by node and the set of its nodes
+        holding their lease, for the (network, nodes) given: the keys of those nodes only, read
+        in batches; never the whole node tree."""
         lay = self.layout
         entries = await self.store.get_many(
-            k for net, nodes in networks for n in nodes for k in (lay.nr_status(n, net), lay.facts(n, net)))
+            k for net, nodes in networks for n in nodes
+            for k in (lay.nr_status(n, net), lay.facts(n, net), lay.verdicts(n, net), lay.node_alive(n)))
         out = {}
         for net, nodes in networks:
-            statuses, facts, unreadable = out.setdefault(net, ({}, {}, {}))
+            statuses, facts, unreadable, verdicts, alive = out.setdefault(net, ({}, {}, {}, {}, set()))
             for n in nodes:
-                st = self._parse_entry(entries.get(lay.nr_status(n, net)), "NetworkResourceStatus", unreadable, n)
-                fa = self._parse_entry(entries.get(lay.facts(n, net)), "NetworkResourceFacts", unreadable, n)
-                if st is not None and (st.node, st.network) == (n, net):
-                    statuses[n] = st
-                if fa is not None and (fa.node, fa.network) == (n, net):
-                    facts[n] = fa
+                for found, kind, key in ((statuses, "NetworkResourceStatus", lay.nr_status(n, net)),
+                                         (facts, "NetworkResourceFacts", lay.facts(n, net)),
+                                         (verdicts, "NetworkResourceVerdicts", lay.verdicts(n, net))):
+                    parsed = self._parse_entry(entries.get(key), kind, unreadable, n)
+                    if parsed is not None and (parsed.node, parsed.network) == (n, net):
+                        found[n] = parsed
+                if lay.node_alive(n) in entries:
+                    alive.add(n)
         return out
 
     def _parse_entry(self, entry, kind: str, unreadable: dict | None = None, node: str = ""):

@@ -268,6 +268,8 @@ class AgentMetrics:
         self.events_dropped = Counter("zmesh_events_dropped_total",
                                       "Events not written to etcd (etcd unreachable and the buffer full)",
                                       registry=r)
+        self.probes = Counter("zmesh_probes_total", "Probes through the tunnels to candidate "
+                              "aggregators, by result (ok, failed)", ["network", "result"], registry=r)
         r.register(_SnapshotCollector(self.snapshot, peer_series_limit))
 
     # --- sources read at scrape time ----------------------------------------------------------
@@ -306,7 +308,7 @@ class AgentMetrics:
         """Drop every series of a network this node no longer serves."""
         self.snapshot.forget(network)
         _remove(self.reconcile_duration, network)
-        for metric in (self.reconcile, self.reconcile_errors):
+        for metric in (self.reconcile, self.reconcile_errors, self.probes):
             for labels in [k for k in _label_sets(metric) if k[0] == network]:
                 metric.remove(*labels)
 

@@ -447,6 +447,17 @@ def set_condition(conditions: list[Condition], new: Condition) -> list[Condition
     return out
 
 
+class AggregatorStatus(_Strict):
+    """The aggregator this node derived for the network (planner.aggregator), why, and when its
+    choice last changed. Every node derives it from the same etcd data, so all say the same."""
+
+    node: NodeId | None = None  # None: no aggregator is usable
+    reason: str = Field(max_length=64)  # Preferred | FailedOver | NoneForwarding | NoAggregator
+    message: str = Field("", max_length=MAX_MESSAGE)
+    lastSwitchTime: datetime  # when this node's choice last changed (or was first made)
+    switches: int = Field(0, ge=0)  # how often it changed since this node's NR was created
+
+
 class ResourceStatus(_Strict):
     """How one node's NR of one network is doing: conditions for people and tools. Peers never
     read it (they read `NetworkResourceFacts`), so a condition change wakes no other node."""
@@ -457,6 +468,7 @@ class ResourceStatus(_Strict):
     node: NodeId
     observedGeneration: int = 0
     conditions: list[Condition] = Field(default_factory=list, max_length=MAX_CONDITIONS)
+    aggregator: AggregatorStatus | None = None
 
 
 class NetworkResourceFacts(_Strict):
@@ -482,6 +494,44 @@ class NetworkResourceFacts(_Strict):
     @property
     def public(self) -> bool:
         return bool(self.endpoints)
+
+
+# Probe verdicts: how the tunnels this node probes are doing (the states of
+# controller.planner.aggregator). Peers of the network read them to agree on the aggregator.
+VerdictState = Literal["Forwarding", "Failing", "Recovering"]
+MAX_VERDICTS = 64  # the candidate aggregators a node probes per network, at most
+
+
+class TunnelVerdict(_Strict):
+    node: NodeId  # the node whose NR is probed
+    state: VerdictState
+    since: datetime  # when this prober's verdict took this state
+
+
+class NetworkResourceVerdicts(_Strict):
+    """One node's verdicts about the tunnels of its NR of a network to the candidate aggregators
+    it probes. Written by that node's agent only when a verdict changes (never per probe), read
+    by every peer of the network, so validated as strictly as facts."""
+
+    apiVersion: Literal["zmesh.io/v1"] = API_VERSION
+    kind: Literal["NetworkResourceVerdicts"] = "NetworkResourceVerdicts"
+    network: Name
+    node: NodeId  # the prober
+    verdicts: list[TunnelVerdict] = Field(default_factory=list, max_length=MAX_VERDICTS)
+
+    @model_validator(mode="after")
+    def _one_per_node(self):
+        seen = set()
+        for v in self.verdicts:
+            if v.node == self.node:
+                raise ValueError(f"verdicts: node {v.node!r} cannot judge its own tunnel")
+            if v.node in seen:
+                raise ValueError(f"verdicts: node {v.node!r} appears more than once")
+            seen.add(v.node)
+        return self
+
+    def states(self) -> dict[str, str]:
+        return {v.node: v.state for v in self.verdicts}
 
 
 class WorkloadStatus(_Strict):
@@ -527,6 +577,7 @@ KINDS: dict[str, type[BaseModel]] = {
 STATUS_KINDS: dict[str, type[BaseModel]] = {
     "NetworkResourceStatus": ResourceStatus,
     "NetworkResourceFacts": NetworkResourceFacts,
+    "NetworkResourceVerdicts": NetworkResourceVerdicts,
     "WorkloadStatus": WorkloadStatus,
     "Event": NodeEvent,
 }

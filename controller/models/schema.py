@@ -19,6 +19,7 @@ from .resources import (
     API_VERSION,
     Network,
     NetworkResourceFacts,
+    NetworkResourceVerdicts,
     Node,
     NodeEvent,
     ResourceStatus,
@@ -32,6 +33,7 @@ SCHEMA_KINDS: dict[str, type[BaseModel]] = {
     "Node": Node,
     "NetworkResourceStatus": ResourceStatus,
     "NetworkResourceFacts": NetworkResourceFacts,
+    "NetworkResourceVerdicts": NetworkResourceVerdicts,
     "WorkloadStatus": WorkloadStatus,
     "Event": NodeEvent,
 }

@@ -2,6 +2,7 @@
 the time in; no clock, no I/O).
 
     (no verdict) --ok--> Forwarding --fail x FAIL_AFTER--> Failing --ok--> Recovering
+    (no verdict) --fail x FAIL_AFTER, and never ok for GRACE s--> Failing
     Recovering --ok for HOLD_DOWN s--> Forwarding;  Recovering --fail x FAIL_AFTER--> Failing
     Forwarding/Recovering --the target's lease came back after a gap--> Recovering
 
@@ -9,6 +10,9 @@ Failing needs several failures in a row, so one lost probe changes nothing; Reco
 like Failing (aggregator.blamed_nodes), so a tunnel that failed counts again only once it has
 worked for the whole hold-down: a link that comes and goes never gets there, and the choice of
 aggregator does not follow it back and forth. Any failure while Recovering restarts the hold-down.
+A tunnel that has never worked gets a grace period first: while a mesh comes up (or a hidden NR
+has just re-pointed) its peers configure each other within seconds, and a probe that fails
+meanwhile is no evidence against anyone.
 """
 
 from __future__ import annotations
@@ -19,19 +23,24 @@ from .aggregator import FAILING, FORWARDING, RECOVERING
 
 FAIL_AFTER = 3  # probes in a row
 HOLD_DOWN = 30.0  # seconds a tunnel that failed must work before it counts as Forwarding again
+GRACE = 10.0  # seconds a tunnel probed for the first time may take to work before it is Failing
 
 
 @dataclass
 class TunnelHealth:
     fail_after: int = FAIL_AFTER
     hold_down: float = HOLD_DOWN
+    grace: float = GRACE
     state: str | None = None  # None until there is a verdict
     since: float = 0.0  # when the state was entered (unix time, as the caller counts)
     failures: int = 0  # consecutive failed probes
     working_since: float | None = None  # start of the current run of working probes
+    first_probe: float | None = None
 
     def observe(self, ok: bool, now: float) -> bool:
         """Feed one probe result; True if the verdict changed."""
+        if self.first_probe is None:
+            self.first_probe = now
         if ok:
             self.failures = 0
             if self.working_since is None:
@@ -45,6 +54,8 @@ class TunnelHealth:
             return False
         self.failures += 1
         self.working_since = None
+        if self.state is None and now - self.first_probe < self.grace:
+            return False
         if self.failures >= self.fail_after and self.state != FAILING:
             return self._enter(FAILING, now)
         return False

@@ -5,11 +5,14 @@ Pure: no I/O, no clock, no randomness. The result is frozen, hashable and compar
 collection sorted, so equal inputs give equal plans and "nothing changed" is a plain `==`.
 Rules (docs/planner.md has the full list with reasons):
 - a public NR peers with every other public NR whose facts are published;
-- a hidden NR peers only with the aggregator: the first of spec.aggregators that is public,
-  alive (when liveness is known) and published; AllowedIPs = the whole ipRange, keepalive 25 s;
-- the aggregator peers with each hidden NR (no endpoint: the hidden side initiates);
+- a hidden NR peers only with the effective aggregator (aggregator.choose_aggregator: the first
+  candidate that is public, published, alive and not blamed by the probe verdicts);
+  AllowedIPs = the whole ipRange, keepalive 25 s;
+- the aggregator peers with each hidden NR (no endpoint: the hidden side initiates); the other
+  candidates hold them as standby peers without AllowedIPs, ready for a failover;
 - other public NRs route the hidden subnets through the aggregator's peer;
 - one route via the WireGuard interface per AllowedIPs prefix;
+- probes: a public NR probes every candidate aggregator it peers with, a hidden NR its aggregator;
 - Internet: the NR's `public` leg into the ndmz, default route via the ndmz gateway, unless the
   network has an egress NR elsewhere: then the peer towards it carries 0.0.0.0/0 (a hidden NR's
   only peer, the aggregator, relays it); the NR's nftables ruleset (rulesets.nr_ruleset).
@@ -17,16 +20,15 @@ Rules (docs/planner.md has the full list with reasons):
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from controller.models.nftables import Table
-from controller.models.resources import Network, NetworkResourceFacts, Workload
+from controller.models.resources import MAX_VERDICTS, Network, NetworkResourceFacts, Workload
 
 from . import names
+from .aggregator import AggregatorChoice, choose_aggregator
 from .ndmz import NDMZ_GATEWAY, NDMZ_RANGE
 from .rulesets import nr_ruleset
 
@@ -47,6 +49,7 @@ NO_COMMON_FAMILY = "NoCommonAddressFamily"  # a public peer has no address famil
 NO_AGGREGATOR = "NoAggregator"  # hidden NRs exist but no aggregator is usable
 WORKLOAD_PENDING = "WorkloadAddressPending"  # a workload has no allocated address
 INVALID_FACTS = "InvalidPeerFacts"  # published facts are malformed, or their key is another NR's
+INVALID_VERDICTS = "InvalidPeerVerdicts"  # published probe verdicts are malformed: ignored
 EGRESS_UNREACHABLE = "EgressUnreachable"  # the network's egress NR cannot be reached: no Internet
 
 INTERNET = ipaddress.IPv4Network("0.0.0.0/0")
@@ -115,6 +118,15 @@ class PublicLeg:
 
 
 @dataclass(frozen=True, order=True)
+class ProbeTarget:
+    """A tunnel this NR probes: the echo goes to `address` (the gateway of the peer's NR)."""
+
+    node: str
+    public_key: str
+    address: ipaddress.IPv4Address
+
+
+@dataclass(frozen=True, order=True)
 class Issue:
     reason: str
     message: str
@@ -133,6 +145,7 @@ class DesiredNR:
     mtu: int  # of the WireGuard interface, the bridge and the workload veths
     hidden: bool
     aggregator: str | None  # the node relaying for hidden NRs, None when none is usable
+    choice: AggregatorChoice  # the aggregator, why, and every candidate's state
     peers: tuple[DesiredPeer, ...]
     routes: tuple[ipaddress.IPv4Network, ...]  # each via wg_ifname
     workloads: tuple[WorkloadAttachment, ...]
@@ -142,6 +155,7 @@ class DesiredNR:
     # the peer carrying 0.0.0.0/0 (the egress NR, or the aggregator relaying towards it).
     internet_via: str | None = None
     ruleset: Table | None = None
+    probes: tuple[ProbeTarget, ...] = ()  # the tunnels whose verdicts this node publishes
 
     @property
     def pending(self) -> tuple[str, ...]:
@@ -186,15 +200,20 @@ def plan_network(
     local: LocalFacts,
     ip_allocations: Mapping[str, ipaddress.IPv4Address],
     bad_facts: Mapping[str, str] | None = None,
+    verdicts: Mapping[str, Mapping[str, str]] | None = None,
+    bad_verdicts: Mapping[str, str] | None = None,
 ) -> DesiredNR | None:
     """The desired NR of `network` on `ctx.node_id`, or None if the node takes no part in it.
 
-    `facts`: node -> the facts that node published for this network (this node's own entry and
-    entries of nodes not in the network are ignored; facts naming another network or node are
-    not trusted). `bad_facts`: node -> why what it published is not valid facts (reported, not
-    peered). `alive`: nodes with a live lease, None when liveness is unknown (then every node
-    counts as alive). `workloads`: any workloads; those of this node and network are attached,
-    with addresses from `ip_allocations` (see allocation.allocate_workload_ips).
+    `facts`: node -> the facts that node published for this network (entries of nodes not in
+    the network are ignored; facts naming another network or node are not trusted; this node's
+    own entry only tells whether it has published, which it must have to be a candidate
+    aggregator, as for everyone). `bad_facts`: node -> why what it published is not valid facts
+    (reported, not peered). `alive`: nodes with a live lease, this one included, None when
+    liveness is unknown (then every node counts as alive). `verdicts`: prober -> probed node ->
+    verdict state, as published (aggregator.py); `bad_verdicts`: node -> why what it published
+    is not valid verdicts (reported; that node's verdicts count as none). `workloads`: any
+    workloads; those of this node and network are attached, with addresses from `ip_allocations`.
     """
     spec = network.spec
     own = spec.resource_for(ctx.node_id)
@@ -225,16 +244,22 @@ def plan_network(
             key_owner[published.publicKey] = r.node
             remotes.append(_Remote(r.node, r.subnet, published))
     hidden_remotes = [r for r in remotes if not r.public]
+    for node, why in sorted((bad_verdicts or {}).items()):
+        if spec.resource_for(node) is not None:
+            issues.append(Issue(INVALID_VERDICTS, f"node {node!r} published invalid probe verdicts "
+                                f"({why}); they are ignored", node))
 
-    aggregator = _choose_aggregator(ctx, network, {r.node: r for r in remotes}, alive)
+    choice = _choose_aggregator(ctx, network, facts, remotes, alive, verdicts or {})
+    aggregator = choice.node
     peers: list[DesiredPeer] = []
     if ctx.hidden:
-        peers += _hidden_peers(ctx, network, remotes, aggregator, issues)
+        peers += _hidden_peers(ctx, network, remotes, choice, issues)
     else:
-        peers += _public_peers(ctx, remotes, hidden_remotes, aggregator, issues)
+        standby = any(c.node == ctx.node_id for c in choice.candidates)
+        peers += _public_peers(ctx, remotes, hidden_remotes, aggregator, standby, issues)
         if hidden_remotes and aggregator is None:
-            issues.append(Issue(NO_AGGREGATOR, _no_aggregator_message(network) + "; hidden "
-                                "subnets " + ", ".join(str(r.subnet) for r in hidden_remotes)
+            issues.append(Issue(NO_AGGREGATOR, choice.message + "; hidden subnets "
+                                + ", ".join(str(r.subnet) for r in hidden_remotes)
                                 + " are unreachable from this node"))
 
     internet_via = None
@@ -282,6 +307,7 @@ def plan_network(
         mtu=mtu,
         hidden=ctx.hidden,
         aggregator=aggregator,
+        choice=choice,
         peers=tuple(sorted(peers)),
         routes=tuple(sorted({prefix for p in peers for prefix in p.allowed_ips})),
         workloads=tuple(attachments),
@@ -289,6 +315,7 @@ def plan_network(
         public=public,
         internet_via=internet_via,
         ruleset=nr_ruleset(own.subnet),
+        probes=_probes(ctx, network, choice, remotes, peers),
     )
 
 
@@ -301,7 +328,7 @@ def _egress_via(ctx: NodeContext, network: Network, aggregator: str | None,
     aggregator's peer there carries the hidden subnets). None, with an issue, when there is no
     such path: the NR then has no Internet at all rather than leaving locally."""
     egress = network.spec.egress
-    peered = {p.node for p in peers}
+    peered = {p.node for p in peers if p.allowed_ips}  # not standby peers
     if egress in peered:
         return egress
     relayed = ctx.hidden or egress in {r.node for r in hidden_remotes}
@@ -323,38 +350,43 @@ def tunnel_overhead(ctx: NodeContext, peers: Sequence[DesiredPeer]) -> int:
     return IPV6_OVERHEAD if 6 in families else IPV4_OVERHEAD
 
 
-def _choose_aggregator(ctx: NodeContext, network: Network, published: Mapping[str, _Remote],
-                       alive: set[str] | frozenset[str] | None) -> str | None:
-    """The first of spec.aggregators that is public, alive and published. Every node computes
-    this from the same etcd data, so all agree (this node judges itself by its own facts, which
-    are what it publishes)."""
-    for candidate in network.spec.aggregators:
-        if alive is not None and candidate not in alive:
-            continue
-        if candidate == ctx.node_id:
-            if not ctx.hidden:
-                return candidate
-            continue
-        remote = published.get(candidate)
-        if remote is not None and remote.public:
-            return candidate
-    return None
+def _choose_aggregator(ctx: NodeContext, network: Network, facts: Mapping[str, NetworkResourceFacts],
+                       remotes: Sequence[_Remote], alive: set[str] | frozenset[str] | None,
+                       verdicts: Mapping[str, Mapping[str, str]]) -> AggregatorChoice:
+    """aggregator.choose_aggregator over what every node reads alike: the peers whose facts are
+    usable, and this node only once it has published its own (what the others judge it by)."""
+    mine = facts.get(ctx.node_id)
+    published = {r.node for r in remotes}
+    public = {r.node for r in remotes if r.public}
+    if mine is not None and (mine.network, mine.node) == (network.name, ctx.node_id):
+        published.add(ctx.node_id)
+        if not ctx.hidden:
+            public.add(ctx.node_id)
+    return choose_aggregator(network.name, network.spec.aggregators, network.spec.nodes, public,
+                             published, alive, verdicts)
 
 
-def _no_aggregator_message(network: Network) -> str:
-    listed = ", ".join(network.spec.aggregators) or "none listed"
-    return (f"no aggregator is usable for network {network.name!r} (aggregators: {listed}; "
-            "one must be a public node that is alive and has published its facts)")
+def _probes(ctx: NodeContext, network: Network, choice: AggregatorChoice, remotes: Sequence[_Remote],
+            peers: Sequence[DesiredPeer]) -> tuple[ProbeTarget, ...]:
+    """The tunnels whose verdicts decide the aggregator, as far as this NR has them: a public NR
+    probes every candidate it peers with (so a failed-over one is still watched and can
+    recover), a hidden NR its one peer, the aggregator in effect."""
+    peered = {p.node for p in peers if p.allowed_ips}
+    by_node = {r.node: r for r in remotes}
+    nodes = ([choice.node] if ctx.hidden and choice.node else
+             [c.node for c in choice.candidates] if not ctx.hidden else [])
+    targets = [ProbeTarget(n, by_node[n].facts.publicKey, by_node[n].subnet.network_address + 1)
+               for n in nodes if n in peered and n in by_node]
+    return tuple(sorted(targets[:MAX_VERDICTS]))
 
 
 def _hidden_peers(ctx: NodeContext, network: Network, remotes: Sequence[_Remote],
-                  aggregator: str | None, issues: list[Issue]) -> list[DesiredPeer]:
+                  choice: AggregatorChoice, issues: list[Issue]) -> list[DesiredPeer]:
     """A hidden NR reaches the whole network through the aggregator, and only through it."""
-    if aggregator is None:
-        issues.append(Issue(NO_AGGREGATOR, _no_aggregator_message(network)
-                            + "; this hidden NR has no peers"))
+    if choice.node is None:
+        issues.append(Issue(NO_AGGREGATOR, choice.message + "; this hidden NR has no peers"))
         return []
-    agg = next(r for r in remotes if r.node == aggregator)
+    agg = next(r for r in remotes if r.node == choice.node)
     address = choose_endpoint(ctx.endpoints, agg.facts.endpoints)
     return [DesiredPeer(
         public_key=agg.facts.publicKey,
@@ -366,13 +398,19 @@ def _hidden_peers(ctx: NodeContext, network: Network, remotes: Sequence[_Remote]
 
 
 def _public_peers(ctx: NodeContext, remotes: Sequence[_Remote], hidden_remotes: Sequence[_Remote],
-                  aggregator: str | None, issues: list[Issue]) -> list[DesiredPeer]:
+                  aggregator: str | None, standby: bool, issues: list[Issue]) -> list[DesiredPeer]:
     peers = []
     hidden_subnets = tuple(sorted(r.subnet for r in hidden_remotes))
     if aggregator == ctx.node_id:
         # The hidden side initiates (it is behind NAT) and keeps the path open.
         peers += [DesiredPeer(r.facts.publicKey, None, (r.subnet,), None, r.node)
                   for r in hidden_remotes]
+    elif standby:
+        # A candidate that is not in effect knows the hidden NRs already, without a subnet: a
+        # hidden NR failing over to it completes its handshake at once, whichever of the two
+        # applies the move first (else a lost race costs WireGuard's 5 s retry). Its packets
+        # are dropped until the subnet moves here (no AllowedIPs, no route).
+        peers += [DesiredPeer(r.facts.publicKey, None, (), None, r.node) for r in hidden_remotes]
     for r in remotes:
         if not r.public:
             continue

@@ -29,6 +29,7 @@ from controller.store.indexer import Indexer
 from .config import AgentConfig
 from .meshview import MeshView
 from .observer import Observer
+from .probing import Prober
 from .queue import WorkQueue
 from .reconcile import Reconciler
 from .scope import NodeScope
@@ -119,10 +120,15 @@ class Agent:
                  cfg.node_id, cfg.metrics_host, port, self.wireguard.kind, cfg.host_netns or "(own)")
         ctx = NodeContext(node_id=cfg.node_id, name_prefix=cfg.name_prefix,
                           endpoints=tuple(cfg.public_endpoints), underlay_mtu=await self.underlay_mtu())
+        self.prober = Prober(node_id=cfg.node_id, wireguard=self.wireguard,
+                             publish=self._publish_verdicts, published=self.scope.own_verdicts,
+                             alive=self.scope.peer_alive, interval=cfg.probe_interval,
+                             hold_down=cfg.probe_hold_down, metrics=self.metrics)
         self.reconciler = Reconciler(
             ctx=ctx, store=self.store, scope=self.scope, links=self.links, wireguard=self.wireguard,
             keys=KeyStore(str(cfg.state_dir)), state=self.state, port_range=cfg.listen_port_range,
-            metrics=self.metrics, host_netns=cfg.host_netns, telemetry=self.telemetry)
+            metrics=self.metrics, host_netns=cfg.host_netns, telemetry=self.telemetry,
+            prober=self.prober)
         self.registration = None
         try:
             await self.scope.start()
@@ -134,6 +140,7 @@ class Agent:
             # two reconciles of one network at once.
             self._spawn(self.queue.run(self._work, cfg.reconcile_workers), "workqueue")
             self._spawn(self._resync_loop(), "resync")
+            self._spawn(self.prober.run(), "prober")
             self._spawn(self._readiness_loop(), "readiness")
             self._spawn(self._register(), "register")
             await self._stopping.wait()
@@ -184,6 +191,12 @@ class Agent:
 
         task.add_done_callback(done)
         self._tasks.append(task)
+
+    async def _publish_verdicts(self, verdicts) -> None:
+        try:
+            await self.reconciler.publish_verdicts(verdicts)
+        except StoreError as e:  # etcd away: the dataplane stays; the next round tries again
+            log.warning("network %s: cannot publish probe verdicts: %s", verdicts.network, e)
 
     async def _work(self, network: str) -> float | None:
         revision = self.scope.changed.get(network, 0)

@@ -45,6 +45,10 @@ class AgentConfig:
     public_endpoints: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = field(default_factory=list)
     listen_port_range: PortRange = field(default_factory=PortRange)
     resync_interval: float = 30.0
+    # Tunnels to candidate aggregators are probed this often (seconds); a tunnel that failed
+    # counts as forwarding again only after working for the hold-down (damps moving back).
+    probe_interval: float = 1.0
+    probe_hold_down: float = 30.0
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9477
     log_level: str = "info"

@@ -26,14 +26,17 @@ from controller.dataplane.wireguard.uapi import UAPITimeout
 from controller.http.metrics import AgentMetrics
 from controller.models.resources import (
     MAX_MESSAGE,
+    AggregatorStatus,
     Condition,
     Metadata,
     Network,
     NetworkResourceFacts,
+    NetworkResourceVerdicts,
     PortRange,
     ResourceStatus,
     WorkloadStatus,
     set_condition,
+    utcnow,
 )
 from controller.planner import names
 from controller.planner.allocation import (
@@ -45,6 +48,7 @@ from controller.planner.allocation import (
 from controller.planner.plan import PEER_PENDING, DesiredNR, LocalFacts, NodeContext, plan_network
 from controller.store.client import Delete, EtcdStore, StoreError
 
+from .probing import Prober
 from .scope import NodeScope
 from .state import LocalState
 from .telemetry import Telemetry
@@ -83,7 +87,7 @@ class Reconciler:
     def __init__(self, *, ctx: NodeContext, store: EtcdStore, scope: NodeScope, links: Links,
                  wireguard: WireGuardBackend, keys: KeyStore, state: LocalState,
                  port_range: PortRange, metrics: AgentMetrics, host_netns: str | None = None,
-                 telemetry: Telemetry | None = None):
+                 telemetry: Telemetry | None = None, prober: Prober | None = None):
         self.ctx = ctx
         self.host_netns = host_netns
         self.store = store
@@ -95,6 +99,7 @@ class Reconciler:
         self.port_range = port_range
         self.metrics = metrics
         self.telemetry = telemetry if telemetry is not None else Telemetry(metrics.snapshot)
+        self.prober = prober  # probes the tunnels each plan names (None: no probing)
         self.etcd_writes = 0
         self.wg_writes = 0
         # Listen ports another program (or another agent on this host) turned out to hold.
@@ -220,8 +225,13 @@ class Reconciler:
         wg_ifname = names.wg_ifname(self.ctx.name_prefix, name)
         private_key, public_key = self.keys.load_or_create(wg_ifname)
         peer_facts, bad_facts = self.scope.facts(name)
-        desired = plan_network(self.ctx, network, peer_facts, None, workloads,
-                               LocalFacts(public_key, port), allocations, bad_facts)
+        own_facts = self.scope.own_facts(name)
+        if own_facts is not None:  # judged as a candidate aggregator by it, like by everyone
+            peer_facts = {**peer_facts, self.ctx.node_id: own_facts}
+        verdicts, bad_verdicts = self.scope.verdicts(name)
+        desired = plan_network(self.ctx, network, peer_facts, self.scope.alive(name), workloads,
+                               LocalFacts(public_key, port), allocations, bad_facts, verdicts,
+                               bad_verdicts)
         self.telemetry.planned(desired)
         try:
             observed = await self._apply_nr(desired, private_key)
@@ -233,6 +243,8 @@ class Reconciler:
                 log.warning("network %s: listen port %d is in use on this host; moving to another",
                             name, port)
             raise
+        if self.prober is not None:
+            self.prober.track(name, desired.netns, desired.wg_ifname, desired.gateway.ip, desired.probes)
         attach_problems = await self._apply_workloads(desired, observed, keep=set(kept))
         self.telemetry.observed_links(name, observed)
 
@@ -248,7 +260,7 @@ class Reconciler:
         await self._publish_facts(NetworkResourceFacts(
             network=name, node=self.ctx.node_id, publicKey=public_key, listenPort=port,
             endpoints=list(self.ctx.endpoints), subnet=own.subnet))
-        await self._publish_status(network, conditions)
+        await self._publish_status(network, conditions, aggregator=self._aggregator_status(desired))
         await self._publish_workloads(network, workloads, allocations, workload_problems,
                                       unaddressed=set(ip_problems))
         await self._forget_stale_workload_statuses(name, {w.name for w in workloads} | set(kept))
@@ -374,7 +386,10 @@ class Reconciler:
         self.keys.remove(wg_ifname)
         for workload in (record.workloads if record else {}):
             await self._delete_own(self.store.layout.workload_status(self.ctx.node_id, workload))
+        if self.prober is not None:
+            self.prober.forget(name)
         await self._delete_own(self.store.layout.facts(self.ctx.node_id, name))
+        await self._delete_own(self.store.layout.verdicts(self.ctx.node_id, name))
         await self._delete_own(self.store.layout.nr_status(self.ctx.node_id, name))
         self.state.forget(name)
         self.telemetry.removed(name)
@@ -410,15 +425,42 @@ class Reconciler:
 
     # --- status ----------------------------------------------------------------------------
 
+    async def publish_verdicts(self, verdicts: NetworkResourceVerdicts) -> None:
+        """The prober's verdicts for one network, written when they changed."""
+        if verdicts.network not in self.state.networks:
+            return  # torn down meanwhile: nothing of ours to judge with
+        await self._put_own(self.store.layout.verdicts(verdicts.node, verdicts.network),
+                            verdicts.model_dump_json().encode())
+
     async def _publish_facts(self, facts: NetworkResourceFacts) -> None:
         """What peers need to reach this NR: written when it changes (rarely), never with a
         condition, so peers are woken only by what concerns them."""
         await self._put_own(self.store.layout.facts(facts.node, facts.network),
                             facts.model_dump_json().encode())
 
+    def _aggregator_status(self, desired: DesiredNR) -> AggregatorStatus:
+        """The choice the plan made, with the time of this node's last switch (kept across
+        restarts in the status itself); a switch is logged (the metrics count it from the plan)."""
+        current = self._own_status(desired.network)
+        before = current.aggregator if current else None
+        choice = desired.choice
+        since, switches = utcnow(), 0
+        if before is not None:
+            if before.node == choice.node:
+                since, switches = before.lastSwitchTime, before.switches
+            else:
+                switches = before.switches + 1
+                log.info("network %s: aggregator %s -> %s (%s: %s)", desired.network, before.node,
+                         choice.node, choice.reason, choice.message)
+        return AggregatorStatus(node=choice.node, reason=choice.reason,
+                                message=choice.message[:MAX_MESSAGE], lastSwitchTime=since,
+                                switches=switches)
+
     async def _publish_status(self, network: Network, conditions: list[tuple[str, str, str, str]],
-                              generation: int | None = None) -> None:
-        """Merge `conditions` into the NR's status and write it if it changed."""
+                              generation: int | None = None,
+                              aggregator: AggregatorStatus | None = None) -> None:
+        """Merge `conditions` into the NR's status and write it if it changed (`aggregator`
+        None: the one published stays)."""
         current = self._own_status(network.name)
         merged = list(current.conditions) if current else []
         for ctype, status, reason, message in conditions:
@@ -426,8 +468,11 @@ class Reconciler:
                                                      message=message[:MAX_MESSAGE]))
         if generation is None:
             generation = network.metadata.generation or 0
+        if aggregator is None and current is not None:
+            aggregator = current.aggregator
         status = ResourceStatus(network=network.name, node=self.ctx.node_id,
-                                observedGeneration=generation, conditions=merged)
+                                observedGeneration=generation, conditions=merged,
+                                aggregator=aggregator)
         self.telemetry.published(network.name, generation, current.conditions if current else [], merged)
         await self._put_own(self.store.layout.nr_status(self.ctx.node_id, network.name),
                             status.model_dump_json().encode())

@@ -3,11 +3,13 @@
 A node watches only (design.md section 3, "plan the layout for 10,000 nodes"):
 - its index `index/nodes/<node>/`;
 - for every network and workload the index names, that one spec key;
-- for every peer node of those networks, the peer's `nodes/<peer>/mesh/` prefix (its liveness and
-  the facts it publishes for its NRs): one watch per peer node, shared by every network the two
-  have in common. Peers' conditions (`nodes/<peer>/status/`) are never watched, so a condition
-  change of one node wakes no other node;
-- its own `nodes/<node>/` prefix, to know what it published (never a reason to reconcile).
+- for every peer node of those networks, the peer's `nodes/<peer>/mesh/` prefix (its liveness,
+  the facts it publishes for its NRs and its probe verdicts): one watch per peer node, shared by
+  every network the two have in common. Peers' conditions (`nodes/<peer>/status/`) are never
+  watched, so a condition change of one node wakes no other node;
+- its own `nodes/<node>/` prefix, to know what it published; only its own `mesh/` keys are a
+  reason to reconcile (everyone, this node too, judges a candidate aggregator by its lease,
+  facts and verdicts as published, so this node must look again when they change).
 Every change that matters turns into "look at network N again" (`on_network`); the reconciler then
 reads the whole state from here.
 """
@@ -19,7 +21,7 @@ import logging
 from collections.abc import Callable
 
 from controller.models.manifest import ManifestError, parse_json_value
-from controller.models.resources import Network, NetworkResourceFacts, Workload
+from controller.models.resources import Network, NetworkResourceFacts, NetworkResourceVerdicts, Workload
 from controller.store.cache import WatchCache
 from controller.store.client import Entry, EtcdStore, lenient_nodes
 
@@ -65,14 +67,14 @@ class NodeScope:
         self.on_network = on_network
         self._index_prefix = self.layout.node_index(node_id)
         self.index = WatchCache(store, self._index_prefix, self._index_changed)
-        self.own = OwnKeys(WatchCache(store, self.layout.node_root(node_id)))
+        self.own = OwnKeys(WatchCache(store, self.layout.node_root(node_id), self._own_changed))
         self._specs: dict[str, WatchCache] = {}  # network -> its spec key
         self._workloads: dict[str, WatchCache] = {}  # workload -> its spec key
         self._workload_network: dict[str, str] = {}  # last network each workload named
         self._peers: dict[str, WatchCache] = {}  # peer node -> its nodes/<peer>/mesh/ prefix
         self._peer_networks: dict[str, set[str]] = {}  # peer node -> our networks naming it
         self._network_peers: dict[str, set[str]] = {}  # network -> its peer nodes
-        self._parsed: dict[str, tuple[int, object]] = {}  # facts key -> (mod_revision, parse)
+        self._parsed: dict[str, tuple[int, object]] = {}  # facts/verdicts key -> (mod_revision, parse)
         # For the metrics: the revision of the newest change that concerned each network, and
         # the watch totals of caches stopped so far (the totals only grow).
         self.changed: dict[str, int] = {}
@@ -157,6 +159,7 @@ class NodeScope:
                     lambda key, p=peer: self._peer_changed(p, key)).start()
         for peer in before - peers:
             self._parsed.pop(self.layout.facts(peer, network), None)
+            self._parsed.pop(self.layout.verdicts(peer, network), None)
             networks = self._peer_networks.get(peer, set())
             networks.discard(network)
             if not networks:
@@ -171,12 +174,24 @@ class NodeScope:
         tail = key[len(self.layout.node_mesh(peer)):]
         kind, _, network = tail.partition("/")
         cache = self._peers.get(peer)
-        if kind == "facts" and network:
+        if kind in ("facts", "verdicts") and network:
             if network in self._peer_networks.get(peer, ()):
                 self._notify(network, cache)
         else:  # liveness (or anything else the peer tells the mesh) concerns all we share
             for network in sorted(self._peer_networks.get(peer, ())):
                 self._notify(network, cache)
+
+    def _own_changed(self, key: str) -> None:
+        mesh = self.layout.node_mesh(self.node_id)
+        if not key.startswith(mesh):
+            return  # our status: written by us, read by people
+        kind, _, network = key[len(mesh):].partition("/")
+        if kind in ("facts", "verdicts") and network:
+            if network in self._specs:
+                self.on_network(network)
+        else:
+            for network in sorted(self._specs):
+                self.on_network(network)
 
     def _workload_changed(self, name: str) -> None:
         """Look again at the network the workload names now and the one it named before."""
@@ -266,20 +281,59 @@ class NodeScope:
         return good, bad
 
     def _parse_facts(self, peer: str, network: str, key: str, raw: bytes, revision: int):
+        return self._parse_mesh_value("NetworkResourceFacts", peer, network, key, raw, revision)
+
+    def _parse_mesh_value(self, kind: str, peer: str, network: str, key: str, raw: bytes, revision: int):
+        """A peer's facts or verdicts, or why they are not valid (cached per revision)."""
         cached = self._parsed.get(key)
         if cached is not None and cached[0] == revision:
             return cached[1]
-        try:
-            facts = parse_json_value(raw, key, kinds=("NetworkResourceFacts",))
-            if (facts.node, facts.network) != (peer, network):
-                result = (f"the value names node {facts.node!r} and network {facts.network!r}, "
-                          f"not the key's {peer!r} and {network!r}")
-            else:
-                result = facts
-        except ManifestError as e:
-            result = "; ".join(e.problems[:3]) + (" ..." if len(e.problems) > 3 else "")
+        result = _validated(kind, peer, network, key, raw)
         self._parsed[key] = (revision, result)
         return result
+
+    def own_facts(self, network: str) -> NetworkResourceFacts | None:
+        """The facts this node published for `network` (None: not yet, or unreadable)."""
+        return self._own_value("NetworkResourceFacts", self.layout.facts(self.node_id, network), network)
+
+    def own_verdicts(self, network: str) -> NetworkResourceVerdicts | None:
+        """The verdicts this node published for `network` (None: none yet, or unreadable)."""
+        return self._own_value("NetworkResourceVerdicts", self.layout.verdicts(self.node_id, network),
+                               network)
+
+    def _own_value(self, kind: str, key: str, network: str):
+        raw = self.own.get(key)
+        parsed = None if raw is None else _validated(kind, self.node_id, network, key, raw)
+        return None if isinstance(parsed, str) else parsed
+
+    def verdicts(self, network: str) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+        """Every member's probe verdicts for `network`, this node's included (prober -> probed
+        node -> state), and why the values that are not valid verdicts are not (node -> problem)."""
+        good: dict[str, dict[str, str]] = {}
+        bad: dict[str, str] = {}
+        mine = self.own_verdicts(network)
+        if mine is not None:
+            good[self.node_id] = mine.states()
+        for peer in sorted(self._network_peers.get(network, ())):
+            cache = self._peers.get(peer)
+            key = self.layout.verdicts(peer, network)
+            kv = cache.get(key) if cache else None
+            if kv is None:
+                continue
+            parsed = self._parse_mesh_value("NetworkResourceVerdicts", peer, network, key, kv.value,
+                                            kv.mod_revision)
+            if isinstance(parsed, str):
+                bad[peer] = parsed
+            else:
+                good[peer] = parsed.states()
+        return good, bad
+
+    def alive(self, network: str) -> set[str]:
+        """The nodes of `network` that hold their liveness lease, as watched (this one too)."""
+        nodes = {p for p in self._network_peers.get(network, ()) if self.peer_alive(p)}
+        if self.own.get(self.layout.node_alive(self.node_id)) is not None:
+            nodes.add(self.node_id)
+        return nodes
 
     def peer_alive(self, peer: str) -> bool | None:
         """Whether a watched peer holds its liveness lease (None: not watched)."""
@@ -299,3 +353,16 @@ class NodeScope:
             elif workload and workload.spec.network == network and workload.spec.node == self.node_id:
                 found.append(workload)
         return found, broken
+
+
+def _validated(kind: str, node: str, network: str, key: str, raw: bytes):
+    """The value of a node's mesh key as `kind`, or why it is not one (naming the wrong node or
+    network counts: a value is trusted only for the key it is under)."""
+    try:
+        value = parse_json_value(raw, key, kinds=(kind,))
+    except ManifestError as e:
+        return "; ".join(e.problems[:3]) + (" ..." if len(e.problems) > 3 else "")
+    if (value.node, value.network) != (node, network):
+        return (f"the value names node {value.node!r} and network {value.network!r}, "
+                f"not the key's {node!r} and {network!r}")
+    return value

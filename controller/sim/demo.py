@@ -44,10 +44,14 @@ NETWORK = "demo"
 IP_RANGE = "10.10.0.0/16"
 # (node, IPv4 endpoint, IPv6 endpoint): n3 is IPv6-only, so the mesh shows tunnels of both families.
 NODES = (("n1", True, True), ("n2", True, True), ("n3", False, True))
+# (node, home router): a hidden node behind NAT; it reaches the mesh through the aggregator.
+HIDDEN_NODES = (("h4", "home"),)
+AGGREGATORS = ("n1", "n2")
 # (workload, node): one per node, address .10 of the node's subnet.
-WORKLOADS = (("web-1", "n1"), ("web-2", "n2"), ("db-3", "n3"))
+WORKLOADS = (("web-1", "n1"), ("web-2", "n2"), ("db-3", "n3"), ("app-4", "h4"))
 
 CONVERGE_TIMEOUT = 25.0  # seconds from apply until every pair must answer
+FAILOVER_TIMEOUT = 30.0  # seconds from killing the aggregator until the hidden node must recover
 AGENT_START_TIMEOUT = 15.0
 RESYNC_INTERVAL = 2.0  # the agents refresh their WireGuard byte counters on every resync
 
@@ -239,6 +243,7 @@ class Demo:
             ("Waiting for the mesh to converge", self.converge),
             ("Measuring workload-to-workload connectivity", self.measure_matrix),
             ("Reading WireGuard counters", self.wireguard_report),
+            (f"Killing the aggregator {AGGREGATORS[0]} (agent SIGKILLed, uplink pulled)", self.kill_aggregator),
         ]
 
     async def run(self) -> int:
@@ -246,10 +251,13 @@ class Demo:
                           for n, v4, v6 in NODES)
         self.p.line("zmesh demo — an encrypted WireGuard mesh on simulated nodes "
                     "(network namespaces on this machine)")
-        self.p.line(f"  nodes: {nodes}, one `zmesh agent` process each; "
+        hidden = ", ".join(f"{n} (hidden behind NAT router {r!r})" for n, r in HIDDEN_NODES)
+        self.p.line(f"  nodes: {nodes}, {hidden}, one `zmesh agent` process each; "
                     f"workloads: {', '.join(f'{w} on {n}' for w, n in WORKLOADS)}")
-        self.p.line("  shown: every workload pinging every other across the mesh, and the WireGuard "
-                    "traffic per node; then everything is removed (also on Ctrl-C)")
+        self.p.line(f"  shown: every workload pinging every other across the mesh (the hidden node "
+                    f"through the aggregator, {' then '.join(AGGREGATORS)}), the WireGuard traffic per "
+                    "node, the aggregator killed and the hidden node failing over; then everything is "
+                    "removed (also on Ctrl-C)")
         self.p.line()
         failure: str | None = None
         started = time.monotonic()
@@ -312,11 +320,18 @@ class Demo:
         for node_id, v4, v6 in NODES:
             w.add_node(node_id, ipv4=v4, ipv6=v6)
             self.check()
+        for node_id, router in HIDDEN_NODES:
+            if router not in w.routers:
+                w.add_router(router)
+            w.add_node(node_id, behind=router)
+            self.check()
         for workload, node_id in WORKLOADS:
             self.workload_ns[workload] = w.add_workload_netns(workload)
             index = w.nodes[node_id].index
             self.workload_ip[workload] = str(ipaddress.ip_network(IP_RANGE)[index * 256 + 10])
-        addrs = ", ".join(f"{n.node_id} {' '.join(n.endpoints)}" for n in w.nodes.values())
+        addrs = ", ".join(f"{n.node_id} {' '.join(n.endpoints)}" if not n.hidden else
+                          f"{n.node_id} {n.ipv4} behind {n.router.name} ({n.router.wan})"
+                          for n in w.nodes.values())
         return f"World {w.id}: Internet namespace {w.inet}, nodes {addrs}"
 
     async def start_agents(self) -> str:
@@ -345,7 +360,7 @@ class Demo:
     def manifests(self) -> str:
         docs = [
             f"apiVersion: zmesh.io/v1\nkind: Network\nmetadata: {{name: {NETWORK}}}\nspec:\n"
-            f"  ipRange: {IP_RANGE}\n  resources:\n"
+            f"  ipRange: {IP_RANGE}\n  aggregators: [{', '.join(AGGREGATORS)}]\n  resources:\n"
             + "".join(f"  - {{node: {n.node_id}, subnet: 10.10.{n.index}.0/24}}\n"
                       for n in self.world.nodes.values())
         ]
@@ -444,7 +459,7 @@ class Demo:
         from controller.dataplane.wireguard import uapi
 
         w = self.world
-        peer_rows = []
+        peer_rows, standby = [], []
         for node in w.nodes.values():
             ifname = names.wg_ifname(node.name_prefix, NETWORK)
             try:
@@ -453,13 +468,20 @@ class Demo:
                 raise DemoFailed(f"cannot read WireGuard device {ifname} of {node.node_id}: {e}") from None
             now = time.time()
             for key, peer in sorted(dev.peers.items(), key=lambda kv: self.public_keys.get(kv[0], kv[0])):
+                if not peer.allowed_ips:  # a standby peer of a candidate aggregator: unused
+                    standby.append(f"{node.node_id}->{self.public_keys.get(key, key[:8] + '…')}")
+                    continue
                 hs = f"{now - peer.last_handshake:.0f} s ago" if peer.last_handshake else "never"
                 peer_rows.append([node.node_id, ifname, self.public_keys.get(key, key[:8] + "…"),
                              peer.endpoint or "(peer calls in)", hs,
                              human_bytes(peer.rx_bytes), human_bytes(peer.tx_bytes)])
-        self.report.append("  WireGuard peers, read from each node's device (wireguard-go UAPI):")
+        self.report.append("  WireGuard peers, read from each node's device (wireguard-go UAPI); a hidden "
+                           "node's only peer is the aggregator, which learned its NAT address:")
         self.report += table(["node", "interface", "peer", "endpoint", "handshake", "received", "sent"],
                              peer_rows)
+        if standby:
+            self.report.append(f"  Standby peers of the next candidate aggregator (no AllowedIPs until a "
+                               f"failover): {', '.join(standby)}")
 
         # The agents refresh the counters on each reconcile; wait one resync at most for values.
         totals: dict[str, tuple[float, float]] = {}
@@ -485,6 +507,42 @@ class Demo:
             raise DemoFailed(f"no WireGuard traffic counted on {', '.join(quiet)}")
         return (f"Traffic crossed WireGuard: {len(peer_rows)} tunnels with a handshake, "
                 "bytes counted on every node")
+
+    async def kill_aggregator(self) -> str:
+        """Kill the aggregator's agent and pull its uplink; wait until every surviving node has
+        moved to the next aggregator and the hidden workloads reach every surviving workload."""
+        w = self.world
+        dead, successor = AGGREGATORS
+        survivors = [n for n in w.nodes if n != dead]
+        hidden = [wl for wl, node in WORKLOADS if w.nodes[node].hidden]
+        targets = [(a, b) for a in hidden for b, node in WORKLOADS if b != a and node != dead]
+        started = time.monotonic()
+        w.stop_agent(dead, sig=signal.SIGKILL)
+        w.set_uplink(dead, False)
+        deadline = started + FAILOVER_TIMEOUT
+        while True:
+            statuses = await self.store.get_statuses(NETWORK, survivors)
+            moved = [n for n in survivors if statuses.get(n) and statuses[n].aggregator
+                     and statuses[n].aggregator.node == successor]
+            probes = await asyncio.gather(*(ping(self.workload_ns[a], self.workload_ip[b]) for a, b in targets))
+            answering = sum(p.ok for p in probes)
+            self.p.detail = (f"{len(moved)}/{len(survivors)} nodes on {successor}, "
+                             f"{answering}/{len(targets)} hidden pairs answering")
+            if len(moved) == len(survivors) and answering == len(targets):
+                took = time.monotonic() - started
+                lease_left = await self.store.get(self.store.layout.node_alive(dead)) is not None
+                break
+            if time.monotonic() > deadline:
+                raise DemoFailed(f"no failover after {FAILOVER_TIMEOUT:.0f} s ({self.p.detail})")
+            await self.sleep(0.1)
+        aggregator = statuses[survivors[0]].aggregator
+        self.report.append(f"  Every node moved to {successor}: {aggregator.reason}: {aggregator.message}")
+        self.report.append(f"  {', '.join(hidden)} reach{'es' if len(hidden) == 1 else ''} "
+                           + ", ".join(b for _, b in targets) + f" again through {successor}; "
+                           f"last switch {aggregator.lastSwitchTime.isoformat()} in every node's status")
+        why = (f"the probes through the tunnels noticed before {dead}'s liveness lease expired"
+               if lease_left else f"{dead}'s liveness lease expired")
+        return f"Failed over to {successor} in {took:.1f} s, with no human and no leader ({why})"
 
     async def keep(self) -> None:
         w = self.world

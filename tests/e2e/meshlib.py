@@ -123,6 +123,27 @@ class Mesh:
     def add_workload_ns(self, name: str) -> str:
         return self.world.add_workload_netns(name)
 
+    # --- what the agents published ---------------------------------------------------------
+
+    def etcd_json(self, key: str) -> dict | None:
+        out = self.etcdctl("get", key, "--print-value-only").stdout.strip()
+        return json.loads(out) if out else None
+
+    def mod_revision(self, key: str) -> int:
+        kvs = json.loads(self.etcdctl("get", key, "-w", "json").stdout).get("kvs") or []
+        return kvs[0]["mod_revision"] if kvs else 0
+
+    def nr_status(self, node_id: str, network: str) -> dict | None:
+        return self.etcd_json(f"/zmesh/v1/nodes/{node_id}/status/networks/{network}")
+
+    def aggregator_status(self, node_id: str, network: str) -> dict:
+        """The aggregator the node derived for the network, as it published it ({} if none yet)."""
+        return (self.nr_status(node_id, network) or {}).get("aggregator") or {}
+
+    def aggregator_everywhere(self, network: str, nodes) -> set:
+        """The aggregators `nodes` published for `network` (one element once they agree)."""
+        return {self.aggregator_status(n, network).get("node") for n in nodes}
+
     # --- what the agents made -------------------------------------------------------------
 
     def nr_netns(self, node_id: str, network: str) -> str:
@@ -148,6 +169,14 @@ class Mesh:
 
     async def wg_device(self, node_id: str, network: str):
         return await uapi.get(self.wg_ifname(node_id, network))
+
+    def wg_listen_port(self, node_id: str, network: str) -> int:
+        facts = self.etcd_json(f"/zmesh/v1/nodes/{node_id}/mesh/facts/{network}")
+        return facts["listenPort"]
+
+    def routes_via(self, netns: str, dev: str) -> set[str]:
+        res = netns_exec(netns, "ip", "-j", "route", "show", "dev", dev)
+        return {r["dst"] for r in json.loads(res.stdout or "[]")}
 
     def netns_inode(self, netns: str) -> int | None:
         try:

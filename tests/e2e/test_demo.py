@@ -35,7 +35,7 @@ pytestmark = [
 
 DEMO = [sys.executable, "-m", "controller.cli.main", "demo"]
 ENV = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}
-WORKLOADS = ("web-1", "web-2", "db-3")
+WORKLOADS = ("web-1", "web-2", "db-3", "app-4")  # app-4 on h4, a hidden node behind NAT
 
 
 # --- what exists on the machine -----------------------------------------------------------------
@@ -217,9 +217,15 @@ def test_demo_passes_shows_matrix_and_leaves_nothing(demo_run):
     for i, w in enumerate(WORKLOADS):
         row = next(line for line in run.lines if line.strip().startswith(f"{w} (10.10."))
         cells = re.findall(r"✓ [\d.]+ ms|✗|—", row)
-        assert len(cells) == 3 and cells[i] == "—", row
+        assert len(cells) == 4 and cells[i] == "—", row
         assert all(c.startswith("✓") for j, c in enumerate(cells) if j != i), row
-    assert "All 6 workload pairs reach each other" in out
+    assert "All 12 workload pairs reach each other" in out
+    # The hidden node's only tunnel goes to the aggregator n1, which learned its router's address.
+    assert [l.split()[2] for l in run.lines if re.match(r"^\s+h4\s+\S+-zw\S+\s", l)] == ["n1"], out
+    assert re.search(r"^\s+n1\s+\S+\s+h4\s+198\.51\.100\.201:\d+", out, re.M), out
+    # Then the aggregator dies and every node moves to n2 on its own.
+    assert re.search(r"✓ Failed over to n2 in [\d.]+ s, with no human and no leader", out), out
+    assert "because n1 is not" in out
     assert "Traffic crossed WireGuard" in out
     assert re.search(r"^\s+n3\s+\S+\s+n1\s+\[2001:db8:100::11\]:\d+", out, re.M), "n3 is reached over IPv6"
     assert "demo passed" in out

@@ -3,6 +3,11 @@ wireguard-go, routers that masquerade and drop unsolicited inbound traffic."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import subprocess
+import time
+
 import pytest
 from meshlib import network_manifest, wait_until, workload_manifest
 
@@ -65,8 +70,20 @@ async def test_hidden_nodes_reach_everyone_through_the_aggregator(mesh):
         assert {str(a) for a in aggregator[h].allowed_ips} == {SUBNETS[h]}
     for n in ("n2", "n3"):
         peers = await peers_by_node(mesh, n)
-        assert set(peers) == {"n1", "n2", "n3"} - {n}, "other public NRs never peer with hidden ones"
+        # n2, the second candidate, holds the hidden NRs as standby peers, with no subnet.
+        assert set(peers) == {"n1", "n2", "n3", *(HIDDEN if n == "n2" else ())} - {n}
+        assert all(not peers[h].allowed_ips for h in HIDDEN if h in peers)
         assert {str(a) for a in peers["n1"].allowed_ips} == {SUBNETS["n1"], *(SUBNETS[h] for h in HIDDEN)}
+
+    # Every NR publishes its probe verdicts once; probing goes on without rewriting them.
+    verdict_keys = [f"/zmesh/v1/nodes/{n}/mesh/verdicts/blue" for n in SUBNETS if n != "n1"]
+    wait_until(lambda: all(mesh.etcd_json(k) for k in verdict_keys), 20, what="verdicts published")
+    revisions = {k: mesh.mod_revision(k) for k in verdict_keys}
+    probes = {n: mesh.metric_sum(n, "zmesh_probes_total", result="ok") for n in SUBNETS}
+    wait_until(lambda: all(mesh.metric_sum(n, "zmesh_probes_total", result="ok") >= probes[n] + 5
+                           for n in SUBNETS if n != "n1"), 30, what="five more probes on every prober")
+    assert {k: mesh.mod_revision(k) for k in verdict_keys} == revisions
+    assert all(v["state"] == "Forwarding" for k in verdict_keys for v in mesh.etcd_json(k)["verdicts"])
 
     # Hidden-to-hidden traffic crosses the aggregator: its counters for both ends grow.
     before = await peers_by_node(mesh, "n1")
@@ -88,3 +105,150 @@ async def test_home_router_masquerades_and_drops_unsolicited_inbound(mesh):
     netns_exec(n1.netns, "ip", "route", "add", str(router.lan), "via", str(router.wan), check=True)
     assert not mesh.ping(n1.netns, str(h1.ipv4))
     assert not mesh.ping(n1.netns, str(router.gateway))
+
+
+# --- re-pointing and failover -------------------------------------------------------------------
+
+def hidden_workloads() -> dict[str, str]:
+    return {f"w-{h}": ip_of(h) for h in HIDDEN}
+
+
+def reachable_from_hidden(mesh, targets) -> bool:
+    """Every hidden workload reaches every workload of `targets` (nodes) and each other."""
+    wanted = [ip_of(n) for n in (*targets, *HIDDEN)]
+    return all(mesh.ping(mesh.workload_ns(f"w-{h}"), ip) for h in HIDDEN for ip in wanted if ip != ip_of(h))
+
+
+def blackhole_wireguard(mesh, node: str) -> None:
+    """A foreign table in the node's host namespace drops its WireGuard UDP both ways (its agent
+    and its etcd connection, on loopback outside that namespace, are untouched)."""
+    port = mesh.wg_listen_port(node, "blue")
+    subprocess.run(["ip", "netns", "exec", mesh.world.nodes[node].netns, "nft", "-f", "-"], check=True,
+                   text=True, input=f"""
+table inet zmtest-blackhole {{
+  chain input {{ type filter hook input priority -10; udp dport {port} drop; }}
+  chain output {{ type filter hook output priority -10; udp sport {port} drop; }}
+}}""")
+
+
+def wait_failover(mesh, deciders, new: str, reach, timeout: float = 40) -> float:
+    """Wait until every node of `deciders` publishes `new` as aggregator and the hidden workloads
+    reach the workloads of the public nodes `reach` and each other; returns the seconds it took."""
+    started = time.monotonic()
+    wait_until(lambda: mesh.aggregator_everywhere("blue", deciders) == {new}, timeout,
+               interval=0.2, what=f"every node choosing {new}")
+    wait_until(lambda: reachable_from_hidden(mesh, reach), timeout,
+               interval=0.2, what="hidden workloads reaching everyone again")
+    return time.monotonic() - started
+
+
+async def test_changing_aggregators_by_hand_repoints_everything_and_leaves_nothing_stale(mesh):
+    hidden_world(mesh)
+    mesh.wait_mesh(hidden_workloads(), timeout=40)
+    wait_until(lambda: mesh.aggregator_everywhere("blue", SUBNETS) == {"n1"}, 20, what="n1 everywhere")
+    switches = {n: mesh.aggregator_status(n, "blue")["switches"] for n in SUBNETS}
+
+    manifest = network_manifest("blue", SUBNETS, aggregators=["n2", "n1"])
+    mesh.apply(manifest)
+    took = wait_failover(mesh, SUBNETS, "n2", reach=PUBLIC)
+    print(f"re-pointed in {took:.1f} s")
+    for h in HIDDEN:
+        assert list(await peers_by_node(mesh, h)) == ["n2"]
+    # Nothing stale on the old aggregator: no hidden subnet on any of its peers and no route but
+    # the other NRs' subnets; as the second candidate it keeps the hidden NRs as standby peers
+    # without AllowedIPs (ready for a failover back).
+    old = await peers_by_node(mesh, "n1")
+    assert set(old) == {"n2", "n3", *HIDDEN}
+    assert {str(a) for a in old["n2"].allowed_ips} == {SUBNETS["n2"], *(SUBNETS[h] for h in HIDDEN)}
+    assert {str(a) for a in old["n3"].allowed_ips} == {SUBNETS["n3"]}
+    assert all(not old[h].allowed_ips for h in HIDDEN)
+    routes = mesh.routes_via(mesh.nr_netns("n1", "blue"), mesh.wg_ifname("n1", "blue"))
+    assert routes == {SUBNETS[n] for n in SUBNETS if n != "n1"}
+    n3 = await peers_by_node(mesh, "n3")
+    assert {str(a) for a in n3["n1"].allowed_ips} == {SUBNETS["n1"]}
+    new = await peers_by_node(mesh, "n2")
+    assert set(new) == {"n1", "n3", *HIDDEN}
+    assert {str(a) for h in HIDDEN for a in new[h].allowed_ips} == {SUBNETS[h] for h in HIDDEN}
+    for n in SUBNETS:
+        status = mesh.aggregator_status(n, "blue")
+        assert status["reason"] == "Preferred" and status["switches"] == switches[n] + 1, status
+
+    # No longer a candidate at all: n1 drops the standby peers too.
+    mesh.apply(network_manifest("blue", SUBNETS, aggregators=["n2"]))
+
+    async def n1_has_only_public_peers():
+        return set(await peers_by_node(mesh, "n1")) == {"n2", "n3"}
+    deadline = time.monotonic() + 20
+    while not await n1_has_only_public_peers():
+        assert time.monotonic() < deadline, "n1 still holds hidden peers"
+        await asyncio.sleep(0.2)
+    assert reachable_from_hidden(mesh, PUBLIC)
+
+
+async def test_killing_the_aggregator_node_fails_over_automatically(mesh):
+    hidden_world(mesh)
+    mesh.wait_mesh(hidden_workloads(), timeout=40)
+    wait_until(lambda: mesh.aggregator_everywhere("blue", SUBNETS) == {"n1"}, 20, what="n1 everywhere")
+
+    mesh.world.stop_agent("n1", sig=signal.SIGKILL)
+    mesh.world.set_uplink("n1", False)
+    survivors = [n for n in SUBNETS if n != "n1"]
+    took = wait_failover(mesh, survivors, "n2", reach=("n2", "n3"))
+    print(f"failed over in {took:.1f} s")
+    status = mesh.aggregator_status("n3", "blue")
+    assert status["reason"] == "FailedOver" and "n1 is not" in status["message"], status
+    for h in HIDDEN:
+        assert list(await peers_by_node(mesh, h)) == ["n2"]
+    # Its lease runs out too; the choice stays.
+    wait_until(lambda: "n1 is not alive" in mesh.aggregator_status("h1", "blue").get("message", ""), 30,
+               what="n1's lease expired")
+    assert mesh.aggregator_everywhere("blue", survivors) == {"n2"}
+
+
+async def test_an_aggregator_dropping_its_wireguard_traffic_is_failed_over(mesh):
+    hidden_world(mesh)
+    mesh.wait_mesh(hidden_workloads(), timeout=40)
+    wait_until(lambda: mesh.aggregator_everywhere("blue", SUBNETS) == {"n1"}, 20, what="n1 everywhere")
+
+    blackhole_wireguard(mesh, "n1")
+    # n1 itself agrees: it reads the same verdicts
+    took = wait_failover(mesh, SUBNETS, "n2", reach=("n2", "n3"))
+    print(f"failed over in {took:.1f} s")
+    assert mesh.ready("n1"), "its agent is fine"
+    status = mesh.aggregator_status("n1", "blue")
+    assert status["reason"] == "FailedOver" and "n1 is not forwarding" in status["message"], status
+    described = mesh.zmesh("describe", "network", "blue").stdout
+    assert "Hidden nodes: h1, h2, h3" in described
+    assert "Aggregator:   n2 (FailedOver): n2, because n1 is not forwarding" in described
+    assert "not yet followed by" not in described
+
+
+async def test_a_flapping_aggregator_link_does_not_make_the_choice_flap(mesh):
+    hold_down = 6  # seconds; longer than each up period of the flapping link below
+    mesh.world.agent_args = ["--probe-hold-down", str(hold_down)]
+    hidden_world(mesh)
+    mesh.wait_mesh(hidden_workloads(), timeout=40)
+    wait_until(lambda: mesh.aggregator_everywhere("blue", SUBNETS) == {"n1"}, 20, what="n1 everywhere")
+    before = {n: mesh.aggregator_status(n, "blue")["switches"] for n in SUBNETS}
+
+    seen = []  # what every node published, sampled while the link flaps
+    for _ in range(3):  # down 4 s (long enough to be failed over), up 2 s (shorter than the hold-down)
+        for up, seconds in ((False, 4), (True, 2)):
+            mesh.world.set_uplink("n1", up)
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                seen.append({n: mesh.aggregator_status(n, "blue").get("node") for n in SUBNETS})
+                time.sleep(0.25)
+    during = {n: mesh.aggregator_status(n, "blue")["switches"] - before[n] for n in SUBNETS}
+    assert any(s["h1"] == "n2" for s in seen), "the failure was noticed: a failover to n2"
+    for n in SUBNETS:
+        choices = [s[n] for s in seen]
+        changes = sum(a != b for a, b in zip(choices, choices[1:]))
+        assert changes <= 1 and during[n] <= 1, f"{n} flapped: {choices}"
+        assert choices[-1] == "n2", f"{n} went back to n1 while its link still flapped: {choices}"
+
+    # Once the link stays up, the choice moves back to the preferred aggregator, once.
+    wait_until(lambda: mesh.aggregator_everywhere("blue", SUBNETS) == {"n1"}, hold_down + 30,
+               interval=0.5, what="the move back to n1 after the hold-down")
+    assert all(mesh.aggregator_status(n, "blue")["switches"] - before[n] == 2 for n in SUBNETS)
+    wait_until(lambda: reachable_from_hidden(mesh, PUBLIC), 20, interval=0.2, what="hidden traffic back")

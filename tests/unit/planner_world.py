@@ -53,6 +53,8 @@ def ctx(node, prefix="n-"):
     return NodeContext(node, prefix, tuple(ip_address(a) for a in ENDPOINTS[node]), 1500)
 
 
-def plan(node, net=None, published=None, alive=None, workloads=(), ips=None, bad=None, public_ip=None):
+def plan(node, net=None, published=None, alive=None, workloads=(), ips=None, bad=None, public_ip=None,
+         verdicts=None):
     return plan_network(ctx(node), net or network(), all_facts() if published is None else published,
-                        alive, workloads, LocalFacts(key(node), PORTS[node], public_ip), ips or {}, bad)
+                        alive, workloads, LocalFacts(key(node), PORTS[node], public_ip), ips or {}, bad,
+                        verdicts)

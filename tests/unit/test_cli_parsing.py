@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import ipaddress
+import base64
 import json
 import re
 import subprocess
@@ -27,7 +28,10 @@ from controller.cli.main import (
 )
 from controller.cli.manifests import read_manifests
 from controller.models.manifest import parse_object
-from controller.models.resources import Condition, Node, PortRange, ResourceStatus
+from controller.models.resources import (
+    AggregatorStatus, Condition, NetworkResourceFacts, NetworkResourceVerdicts, Node, PortRange, ResourceStatus,
+    TunnelVerdict,
+)
 from controller.reconciler.config import AgentConfig, split_endpoints
 
 from test_models import network_doc, workload_doc
@@ -360,6 +364,31 @@ def test_describe_network_shows_every_nr_and_its_conditions():
     assert "    Ready   True     Converged" in text
     assert "status: none reported yet" in text
     assert text.splitlines()[-3:] == ["Workloads:", "  (none)", "Events:       <none>"]
+
+
+def test_describe_network_shows_hidden_nodes_and_the_aggregator_in_effect_and_why():
+    net = parse_object(network_doc(aggregators=["n1", "n3"]))
+    key = {n: base64.b64encode(n.encode().ljust(32, b".")).decode() for n in ("n1", "n2", "n3")}
+    facts = {n: NetworkResourceFacts(network="blue", node=n, publicKey=key[n], listenPort=51820,
+                                     endpoints=[] if n == "n2" else [f"198.51.100.{i}"],
+                                     subnet=f"10.1.{i}.0/24")
+             for i, n in ((1, "n1"), (2, "n2"), (3, "n3"))}
+    verdicts = {p: NetworkResourceVerdicts(network="blue", node=p, verdicts=[
+        TunnelVerdict(node="n1", state="Failing", since="2026-01-01T00:00:00Z")]) for p in ("n2", "n3")}
+    status = ready("n2").model_copy(update={"aggregator": AggregatorStatus(
+        node="n1", reason="Preferred", lastSwitchTime="2026-01-01T00:00:00Z")})
+    view = output.NetworkView(net, {"n2": status}, facts, verdicts, alive={"n1", "n2", "n3"})
+    text = output.describe_network(view, {})
+    assert "Hidden nodes: n2" in text
+    assert ("Aggregator:   n3 (FailedOver): n3, because n1 is not forwarding (tunnels from n2, n3 fail)"
+            in text)
+    assert "not yet followed by: n2 (uses n1)" in text
+    assert "aggregator as this node derives it: n1 (Preferred)" in text
+    assert "probe verdicts: n1 Failing since 2026-01-01T00:00:00+00:00" in text
+    empty = output.describe_network(output.NetworkView(parse_object(network_doc()), {}, facts,
+                                                       alive={"n1", "n3"}), {})
+    assert "Aggregators:  (empty: the 3 live public nodes ranked first" in empty
+    assert "Aggregator:   n" in empty and "(Preferred)" in empty
 
 
 def test_json_output_of_a_list_is_a_kind_list_of_reappliable_manifests():

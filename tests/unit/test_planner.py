@@ -8,6 +8,7 @@ from planner_world import SUBNETS, all_facts, facts, key, network, plan
 
 from controller.models.resources import Workload
 from controller.planner import names
+from controller.planner.aggregator import FAILED_OVER, FAILING, PREFERRED, rendezvous_order
 from controller.planner.plan import (
     HIDDEN_KEEPALIVE, INVALID_FACTS, NO_AGGREGATOR, NO_COMMON_FAMILY, PEER_PENDING, WORKLOAD_PENDING,
     DesiredPeer, NodeContext, choose_endpoint,
@@ -65,9 +66,19 @@ def test_status_order_does_not_change_the_plan():
 # --- public nodes -----------------------------------------------------------------------------
 
 def test_public_nr_peers_with_every_other_public_nr_by_its_subnet():
-    peers = peers_by_node(plan("p2"))
+    peers = peers_by_node(plan("p6", net=network(aggregators=("p1",))))
     assert set(peers) == {"p1"}  # p6 is IPv6-only and p2 IPv4-only; hidden go via p1
     assert peers["p1"].allowed_ips == (N("10.1.1.0/24"), N("10.1.11.0/24"), N("10.1.12.0/24"))
+
+
+def test_a_candidate_not_in_effect_holds_the_hidden_nrs_as_standby_peers_without_subnets():
+    nr = plan("p2")  # aggregators p1, p2: p2 is the second candidate
+    peers = peers_by_node(nr)
+    assert set(peers) == {"p1", "h1", "h2"}
+    assert peers["h1"].allowed_ips == () and peers["h1"].endpoint is None
+    assert peers["p1"].allowed_ips == (N("10.1.1.0/24"), N("10.1.11.0/24"), N("10.1.12.0/24"))
+    assert nr.routes == (N("10.1.1.0/24"), N("10.1.11.0/24"), N("10.1.12.0/24")), "no route to a standby"
+    assert set(peers_by_node(plan("p6"))) == {"p1"}, "p6 is no candidate: no standby peers"
 
 
 def test_public_endpoint_prefers_ipv4_when_both_sides_have_it():
@@ -210,8 +221,10 @@ def test_hidden_node_listed_as_aggregator_is_skipped():
     assert plan("h2", net=network(aggregators=("h1", "p2"))).aggregator == "p2"
 
 
-def test_aggregator_judges_itself_by_its_own_facts_and_liveness():
-    assert plan("p1", published=all_facts("p1")).aggregator == "p1"
+def test_aggregator_judges_itself_by_what_it_published_and_its_lease_like_everyone_else():
+    assert plan("p1").aggregator == "p1"
+    # Before p1's own facts are published the others cannot pick it, so neither does p1.
+    assert plan("p1", published=all_facts("p1")).aggregator == "p2"
     assert plan("p1", alive={"p2"}).aggregator == "p2"
 
 
@@ -227,10 +240,40 @@ def test_hidden_nr_without_aggregator_gets_no_peers_and_a_clear_condition():
 
 
 def test_public_nr_reports_hidden_subnets_unreachable_without_aggregator():
-    nr = plan("p1", net=network(aggregators=()))
+    nr = plan("p1", alive={"p1", "h1", "h2"}, net=network(aggregators=("p2", "p6")))
     assert set(peers_by_node(nr)) == {"p2", "p6"}
     issue = next(i for i in nr.issues if i.reason == NO_AGGREGATOR)
-    assert "10.1.11.0/24" in issue.message and "none listed" in issue.message
+    assert "10.1.11.0/24" in issue.message and "p2 is not alive" in issue.message
+
+
+def test_empty_aggregators_means_a_public_node_ranked_by_the_network_name():
+    ranked = rendezvous_order("blue", ["p1", "p2", "p6"])
+    plans = {n: plan(n, net=network(aggregators=())) for n in SUBNETS}
+    assert {p.aggregator for p in plans.values()} == {ranked[0]}
+    assert plans["h1"].peers[0].public_key == key(ranked[0])
+    assert plans["h1"].choice.reason == PREFERRED and "aggregators empty" in plans["h1"].choice.message
+
+
+def test_a_blamed_aggregator_is_failed_over_on_every_node():
+    verdicts = {"p2": {"p1": FAILING}, "p6": {"p1": FAILING}, "h1": {"p1": FAILING},
+                "h2": {"p1": FAILING}, "p1": {"p2": FAILING, "p6": FAILING}}
+    plans = {n: plan(n, verdicts=verdicts) for n in SUBNETS}
+    assert {p.aggregator for p in plans.values()} == {"p2"}
+    assert plans["h1"].choice.reason == FAILED_OVER
+    assert "p1 is not forwarding (tunnels from h1, h2, p2, p6 fail)" in plans["h1"].choice.message
+    # p1 is still peered: only the hidden subnets moved away from it
+    assert peers_by_node(plans["p6"])["p1"].allowed_ips == (N("10.1.1.0/24"),)
+
+
+def test_probes_are_the_candidates_a_public_nr_peers_with_and_a_hidden_nrs_aggregator():
+    def targets(nr):
+        return [(t.node, str(t.address)) for t in nr.probes]
+    assert targets(plan("p6")) == [("p1", "10.1.1.1")]  # p2 shares no address family with p6
+    assert targets(plan("p1")) == [("p2", "10.1.2.1")]
+    assert targets(plan("h1")) == [("p1", "10.1.1.1")]
+    assert targets(plan("h1", alive={"p2", "h1", "h2"})) == [("p2", "10.1.2.1")]
+    assert plan("p6").probes[0].public_key == key("p1")
+    assert targets(plan("h1", alive={"h1"})) == []
 
 
 def test_no_aggregator_condition_only_when_there_are_hidden_nrs():

@@ -189,15 +189,22 @@ def test_one_lost_probe_changes_nothing_three_in_a_row_make_it_failing():
     assert feed(h, [False, False, False], start=10) == [(12.0, FAILING)]
 
 
+def test_a_tunnel_that_never_worked_fails_only_after_the_grace_period():
+    h = TunnelHealth(grace=10)
+    assert feed(h, [False] * 12) == [(10.0, FAILING)]
+    quick = TunnelHealth(grace=10)
+    assert feed(quick, [False] * 5 + [True]) == [(5.0, FORWARDING)], "peers still configuring"
+
+
 def test_a_recovered_tunnel_counts_again_only_after_the_hold_down():
-    h = TunnelHealth(hold_down=30)
+    h = TunnelHealth(hold_down=30, grace=0)
     feed(h, [False] * 3)
     changes = feed(h, [True] * 40, start=10)
     assert changes == [(10.0, RECOVERING), (40.0, FORWARDING)]
 
 
 def test_any_failure_while_recovering_restarts_the_hold_down():
-    h = TunnelHealth(hold_down=10)
+    h = TunnelHealth(hold_down=10, grace=0)
     feed(h, [False] * 3)
     feed(h, [True] * 8, start=10)
     feed(h, [False], start=18)

@@ -3,11 +3,13 @@ each NR to each other NR through the plans the way WireGuard would (longest Allo
 out, source address checked against the sender's AllowedIPs in, someone must know an endpoint).
 Every pair must be reachable except pairs of public nodes with no common address family."""
 
+import itertools
 from ipaddress import IPv4Network
 
 import pytest
 from planner_world import SUBNETS, network, plan
 
+from controller.planner.aggregator import FAILING, FORWARDING
 from controller.planner.plan import NO_COMMON_FAMILY
 
 NODES = tuple(SUBNETS)
@@ -100,3 +102,54 @@ def test_ipv6_only_aggregator_still_relays_for_hidden_nodes():
     assert deliver(plans, "h1", "h2") == ["h1", "p6", "h2"]
     assert deliver(plans, "h1", "p1") == ["h1", "p6", "p1"]
     assert isinstance(deliver(plans, "h1", "p2"), str)  # p2 cannot reach p6 at all
+
+
+# --- mixed views: nodes that learn of a failed aggregator at different moments -----------------
+
+HIDDEN = ("h1", "h2")
+DEAD_P1 = dict(alive={"p2", "p6", "h1", "h2"})  # p1's lease expired
+BLAMED_P1 = dict(verdicts={"p2": {"p1": FAILING}, "p6": {"p1": FAILING}, "h1": {"p1": FAILING},
+                           "h2": {"p1": FAILING}, "p1": {"p2": FAILING, "p6": FAILING}})
+EXCLUDED = NO_COMMON | HIDDEN_VIA_P2_FROM_P6  # pairs that p2 as aggregator cannot serve at all
+
+
+@pytest.mark.parametrize("news, learners", [
+    (DEAD_P1, ("p2", "p6", "h1", "h2")),  # a dead agent learns nothing
+    (BLAMED_P1, NODES),  # a blackholed aggregator reads etcd like everyone
+], ids=["lease-expired", "verdicts-blame-it"])
+def test_nodes_learning_in_any_order_each_follow_their_view_and_converge(news, learners):
+    final = {n: plan(n, **news) for n in NODES}
+    for k in range(len(learners) + 1):
+        for learned in itertools.combinations(learners, k):
+            plans = {n: final[n] if n in learned else plan(n) for n in NODES}
+            # A node's choice is a function of what it has read, nothing else.
+            assert all(plans[n].aggregator == ("p2" if n in learned else "p1") for n in NODES)
+            for src, dst in itertools.permutations(NODES, 2):
+                if not {src, dst} & set(HIDDEN):
+                    continue
+                relay = "p2" if src in learned and dst in learned else "p1"
+                path = deliver(plans, src, dst)
+                if {src, dst, relay} <= (set(learned) if relay == "p2" else set(NODES) - set(learned)) \
+                        and (src, dst) not in EXCLUDED:
+                    # Where both ends and the relay read the same, hidden traffic already flows.
+                    assert path == [src, dst] if relay in (src, dst) else path == [src, relay, dst], \
+                        f"learned={learned} {src}->{dst}: {path}"
+    # Once everyone has read the news, every node has the same plan as if it had read it first.
+    assert {n: plan(n, **news) for n in NODES} == final
+    assert len({p.aggregator for p in final.values()}) == 1
+
+
+def test_verdicts_flipping_one_by_one_move_every_node_at_the_same_verdict():
+    """The probers' verdicts on a blackholed p1 arrive one after another; at each step every
+    node (reading the same verdicts) makes the same choice, and p1 is blamed only once most of
+    its tunnels are reported failing."""
+    verdicts = {"p2": {"p1": FORWARDING}, "p6": {"p1": FORWARDING}, "h1": {"p1": FORWARDING},
+                "h2": {"p1": FORWARDING}, "p1": {"p2": FORWARDING, "p6": FORWARDING}}
+    seen = []
+    for prober, target in [("p2", "p1"), ("p1", "p2"), ("h1", "p1"), ("p6", "p1"), ("p1", "p6"),
+                           ("h2", "p1")]:
+        verdicts[prober][target] = FAILING
+        choices = {plan(n, verdicts=verdicts).aggregator for n in NODES}
+        assert len(choices) == 1
+        seen.append(choices.pop())
+    assert seen == ["p1", "p1", "p1", "p2", "p2", "p2"]
