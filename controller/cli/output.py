@@ -169,7 +169,7 @@ def networks_table(views: list[NetworkView], invalid=(), wide: bool = False) -> 
     for v in views:
         s = v.network.spec
         row = [v.network.name, s.ipRange, ",".join(s.nodes) or "-", f"{v.ready_count}/{len(s.nodes)}",
-               ",".join(s.aggregators) or "-", v.network.metadata.generation or "-"]
+               ",".join(s.aggregators) or "auto", v.network.metadata.generation or "-"]
         row += [s.egress or "-", ",".join(f"{r.node}={r.subnet}" for r in s.resources) or "-"] if wide else []
         rows.append((v.network.name, row + [v.reason]))
     for o in invalid:

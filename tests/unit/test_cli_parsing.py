@@ -339,7 +339,7 @@ def test_network_readiness_counts_nodes_ready_for_the_current_generation():
                                     "n3": ready("n3", 5, "False", "ApplyFailed")})
     assert view.ready_count == 1 and not view.ready
     row = re.split(r"\s{2,}", output.networks_table([view]).splitlines()[1])
-    assert row == ["blue", "10.1.0.0/16", "n1,n2,n3", "1/3", "-", "5", "Updating (n2); ApplyFailed (n3)"]
+    assert row == ["blue", "10.1.0.0/16", "n1,n2,n3", "1/3", "auto", "5", "Updating (n2); ApplyFailed (n3)"]
     wide = output.networks_table([view], wide=True).splitlines()
     assert wide[0].split()[-3:] == ["EGRESS", "SUBNETS", "REASON"]
     assert re.split(r"\s{2,}", wide[1])[-2] == "n1=10.1.1.0/24,n2=10.1.2.0/24,n3=10.1.3.0/24"
@@ -377,7 +377,7 @@ def test_describe_network_shows_hidden_nodes_and_the_aggregator_in_effect_and_wh
         TunnelVerdict(node="n1", state="Failing", since="2026-01-01T00:00:00Z")]) for p in ("n2", "n3")}
     status = ready("n2").model_copy(update={"aggregator": AggregatorStatus(
         node="n1", reason="Preferred", lastSwitchTime="2026-01-01T00:00:00Z")})
-    view = output.NetworkView(net, {"n2": status}, facts, verdicts, alive={"n1", "n2", "n3"})
+    view = output.NetworkView(net, {"n2": status}, facts, verdicts=verdicts, alive={"n1", "n2", "n3"})
     text = output.describe_network(view, {})
     assert "Hidden nodes: n2" in text
     assert ("Aggregator:   n3 (FailedOver): n3, because n1 is not forwarding (tunnels from n2, n3 fail)"
@@ -386,7 +386,7 @@ def test_describe_network_shows_hidden_nodes_and_the_aggregator_in_effect_and_wh
     assert "aggregator as this node derives it: n1 (Preferred)" in text
     assert "probe verdicts: n1 Failing since 2026-01-01T00:00:00+00:00" in text
     empty = output.describe_network(output.NetworkView(parse_object(network_doc()), {}, facts,
-                                                       alive={"n1", "n3"}), {})
+                                                       alive={"n1", "n3"}), {}, [])
     assert "Aggregators:  (empty: the 3 live public nodes ranked first" in empty
     assert "Aggregator:   n" in empty and "(Preferred)" in empty
 
