@@ -269,7 +269,7 @@ class AgentMetrics:
                                       "Events not written to etcd (etcd unreachable and the buffer full)",
                                       registry=r)
         self.probes = Counter("zmesh_probes_total", "Probes through the tunnels to candidate "
-                              "aggregators, by result (ok, failed)", ["network", "result"], registry=r)
+                              "aggregators, by outcome (ok, failed)", ["network", "outcome"], registry=r)
         r.register(_SnapshotCollector(self.snapshot, peer_series_limit))
 
     # --- sources read at scrape time ----------------------------------------------------------

@@ -145,7 +145,6 @@ class DesiredNR:
     mtu: int  # of the WireGuard interface, the bridge and the workload veths
     hidden: bool
     aggregator: str | None  # the node relaying for hidden NRs, None when none is usable
-    choice: AggregatorChoice  # the aggregator, why, and every candidate's state
     peers: tuple[DesiredPeer, ...]
     routes: tuple[ipaddress.IPv4Network, ...]  # each via wg_ifname
     workloads: tuple[WorkloadAttachment, ...]
@@ -156,6 +155,9 @@ class DesiredNR:
     internet_via: str | None = None
     ruleset: Table | None = None
     probes: tuple[ProbeTarget, ...] = ()  # the tunnels whose verdicts this node publishes
+    # The aggregator choice behind `aggregator`: why, and every candidate's state (plan_network
+    # always sets it).
+    choice: AggregatorChoice | None = None
 
     @property
     def pending(self) -> tuple[str, ...]:

@@ -137,7 +137,7 @@ class Prober:
             for t in targets:
                 ok = answers.get(t.address, False) and self._fresh(peers, t.public_key, now)
                 if self.metrics is not None:
-                    self.metrics.probes.labels(network=network, result="ok" if ok else "failed").inc()
+                    self.metrics.probes.labels(network=network, outcome="ok" if ok else "failed").inc()
                 health = nr.health.setdefault(t.node, TunnelHealth(self.fail_after, self.hold_down))
                 health.observe(ok, now)
                 alive = self._alive(t.node)

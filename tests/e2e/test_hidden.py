@@ -79,8 +79,8 @@ async def test_hidden_nodes_reach_everyone_through_the_aggregator(mesh):
     verdict_keys = [f"/zmesh/v1/nodes/{n}/mesh/verdicts/blue" for n in SUBNETS if n != "n1"]
     wait_until(lambda: all(mesh.etcd_json(k) for k in verdict_keys), 20, what="verdicts published")
     revisions = {k: mesh.mod_revision(k) for k in verdict_keys}
-    probes = {n: mesh.metric_sum(n, "zmesh_probes_total", result="ok") for n in SUBNETS}
-    wait_until(lambda: all(mesh.metric_sum(n, "zmesh_probes_total", result="ok") >= probes[n] + 5
+    probes = {n: mesh.metric_sum(n, "zmesh_probes_total", outcome="ok") for n in SUBNETS}
+    wait_until(lambda: all(mesh.metric_sum(n, "zmesh_probes_total", outcome="ok") >= probes[n] + 5
                            for n in SUBNETS if n != "n1"), 30, what="five more probes on every prober")
     assert {k: mesh.mod_revision(k) for k in verdict_keys} == revisions
     assert all(v["state"] == "Forwarding" for k in verdict_keys for v in mesh.etcd_json(k)["verdicts"])

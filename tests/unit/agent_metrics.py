@@ -94,4 +94,6 @@ def full_metrics(peer_series_limit: int = 100) -> tuple[AgentMetrics, Snapshot, 
     m.events.labels(type="Warning", reason="PeerStale").inc()
     m.events_dropped.inc(0)
     m.observe_errors.inc(0)
+    m.probes.labels(network="blue", outcome="ok").inc(30)
+    m.probes.labels(network="blue", outcome="failed").inc(3)
     return m, snap, clock
