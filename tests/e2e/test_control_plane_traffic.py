@@ -51,6 +51,12 @@ async def test_a_condition_change_on_one_node_causes_no_reconcile_on_the_others(
         mesh.wait_mesh({"w1": "10.1.1.10", "w2": "10.1.2.10"})
         wait_until(lambda: _degraded(_status(mesh, "n1", "blue")).get("status") == "False", 15,
                    what="n1 converged")
+        # Each node's first probe verdict on the other (with `aggregators` empty both are
+        # candidate aggregators) wakes the other once: count only after both are published and
+        # each node has reconciled every change that concerns it.
+        wait_until(lambda: all(mesh.etcd_json(f"/zmesh/v1/nodes/{n}/mesh/verdicts/blue")
+                               and mesh.metric_sum(n, "zmesh_etcd_revision_lag") == 0 for n in ("n1", "n2")),
+                   15, what="both nodes' probe verdicts published and reconciled")
         before_n2 = _reconciles(mesh, "n2", "blue")
         before_n1 = _reconciles(mesh, "n1", "blue")
 
