@@ -32,7 +32,6 @@ from dataclasses import dataclass
 FORWARDING = "Forwarding"  # the tunnel works (and has for the hold-down since it last failed)
 FAILING = "Failing"  # probes through the tunnel fail
 RECOVERING = "Recovering"  # probes work again, but not yet for the whole hold-down
-VERDICT_STATES = (FORWARDING, FAILING, RECOVERING)
 # With `aggregators` empty, this many public nodes are candidates (and probed by every NR).
 IMPLICIT_CANDIDATES = 3
 
@@ -56,7 +55,6 @@ class AggregatorChoice:
     reason: str
     message: str
     candidates: tuple[Candidate, ...]  # in order of preference
-    blamed: frozenset[str] = frozenset()  # every node the verdicts blame, candidate or not
 
 
 def rendezvous_order(network: str, nodes: Collection[str]) -> tuple[str, ...]:
@@ -156,19 +154,19 @@ def choose_aggregator(
         chosen = usable[0]
         if chosen is candidates[0]:
             return AggregatorChoice(chosen.node, PREFERRED, f"{chosen.node} is the first candidate "
-                                    f"({listed})", tuple(candidates), blamed)
+                                    f"({listed})", tuple(candidates))
         skipped = "; ".join(f"{c.node} {c.why}" for c in candidates[:candidates.index(chosen)])
         return AggregatorChoice(chosen.node, FAILED_OVER, f"{chosen.node}, because {skipped} ({listed})",
-                                tuple(candidates), blamed)
+                                tuple(candidates))
     fallback = next((c for c in candidates if c.node in live and c.node in public and c.node in published),
                     None)
     reasons = "; ".join(f"{c.node} {c.why}" for c in candidates) or "no public node has published its facts"
     if fallback is not None:
         return AggregatorChoice(fallback.node, DEGRADED, f"{fallback.node}, although no candidate "
-                                f"is forwarding ({reasons}) ({listed})", tuple(candidates), blamed)
+                                f"is forwarding ({reasons}) ({listed})", tuple(candidates))
     return AggregatorChoice(None, NONE_USABLE, f"no aggregator is usable ({reasons}) ({listed}); one "
                             "must be a public node that is alive and has published its facts",
-                            tuple(candidates), blamed)
+                            tuple(candidates))
 
 
 def _blame_message(node: str, verdicts: Mapping[str, Mapping[str, str]]) -> str:

@@ -72,7 +72,6 @@ class Prober:
         self.metrics = metrics  # AgentMetrics (probes counted), or None
         self._nrs: dict[str, _Probed] = {}
         self._wake = asyncio.Event()
-        self.rounds = 0
 
     # --- what to probe: from the reconciler -------------------------------------------------
 
@@ -116,7 +115,6 @@ class Prober:
         for network, result in zip(networks, results):
             if isinstance(result, Exception):
                 log.warning("network %s: probing failed: %s", network, result)
-        self.rounds += 1
 
     async def _probe(self, network: str) -> None:
         nr = self._nrs.get(network)
