@@ -4,6 +4,7 @@ wireguard-go, routers that masquerade and drop unsolicited inbound traffic."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import time
@@ -113,10 +114,10 @@ def hidden_workloads() -> dict[str, str]:
     return {f"w-{h}": ip_of(h) for h in HIDDEN}
 
 
-def reachable_from_hidden(mesh, targets) -> bool:
+def reachable_from_hidden(mesh, targets, hidden=HIDDEN) -> bool:
     """Every hidden workload reaches every workload of `targets` (nodes) and each other."""
-    wanted = [ip_of(n) for n in (*targets, *HIDDEN)]
-    return all(mesh.ping(mesh.workload_ns(f"w-{h}"), ip) for h in HIDDEN for ip in wanted if ip != ip_of(h))
+    wanted = [ip_of(n) for n in (*targets, *hidden)]
+    return all(mesh.ping(mesh.workload_ns(f"w-{h}"), ip) for h in hidden for ip in wanted if ip != ip_of(h))
 
 
 def blackhole_wireguard(mesh, node: str) -> None:
@@ -252,3 +253,73 @@ async def test_a_flapping_aggregator_link_does_not_make_the_choice_flap(mesh):
                interval=0.5, what="the move back to n1 after the hold-down")
     assert all(mesh.aggregator_status(n, "blue")["switches"] - before[n] == 2 for n in SUBNETS)
     wait_until(lambda: reachable_from_hidden(mesh, PUBLIC), 20, interval=0.2, what="hidden traffic back")
+
+
+# --- hostile verdicts -----------------------------------------------------------------------------
+
+def verdicts_corpus(good: dict) -> dict[str, str]:
+    def verdicts(items, **change):
+        return json.dumps({**good, "verdicts": items, **change})
+    one = {"node": "n1", "state": "Failing", "since": "2026-01-01T00:00:00Z"}
+    return {
+        "a verdict on itself": verdicts([{**one, "node": "n2"}]),
+        "twice the same node": verdicts([one, one]),
+        "an unknown state": verdicts([{**one, "state": "Dead"}]),
+        "a state with a newline": verdicts([{**one, "state": "Failing\nForwarding"}]),
+        "no time": verdicts([{"node": "n1", "state": "Failing"}]),
+        "a bad node name": verdicts([{**one, "node": "N1/../x"}]),
+        "too many": verdicts([{**one, "node": f"x{i}"} for i in range(65)]),
+        "another node's name": verdicts([one], node="n3"),
+        "another network's name": verdicts([one], network="red"),
+        "an unknown field": verdicts([one], blame="n1"),
+        "not JSON": "{{{ not json",
+        "a megabyte": verdicts([one], network="b" * 1_000_000),
+    }
+
+
+async def test_hostile_verdicts_are_reported_and_one_liar_cannot_move_the_aggregator(mesh):
+    mesh.start("n1", "n2", "n3")
+    mesh.start_hidden("r1", "h1")
+    nodes = ("n1", "n2", "n3", "h1")
+    manifest = network_manifest("blue", {n: SUBNETS[n] for n in nodes}, aggregators=["n1", "n2"])
+    for n in nodes:
+        manifest += workload_manifest(f"w-{n}", "blue", n, mesh.add_workload_ns(f"w-{n}"), ip_of(n))
+    mesh.apply(manifest)
+    mesh.wait_mesh({f"w-{n}": ip_of(n) for n in nodes}, timeout=40)
+    key = "/zmesh/v1/nodes/n2/mesh/verdicts/blue"
+    wait_until(lambda: mesh.etcd_json(key), 20, what="n2's verdicts")
+    good = mesh.etcd_json(key)
+    # The forger owns n2's keys from here: its agent stops (its dataplane stays), and n2's
+    # liveness key is held by a lease of ours, so n2 still counts as alive.
+    mesh.world.stop_agent("n2")
+    lease = mesh.etcdctl("lease", "grant", "300").stdout.split()[1]
+    mesh.etcdctl("put", "--lease", lease, "/zmesh/v1/nodes/n2/mesh/alive", '{"since": "2026-01-01T00:00:00Z"}')
+
+    def degraded(node: str) -> str:
+        st = mesh.nr_status(node, "blue") or {}
+        return " ".join(c["message"] for c in st.get("conditions", []) if c["type"] == "Degraded")
+
+    for case, value in verdicts_corpus(good).items():
+        mesh.etcdctl("put", key, "--", value) if len(value) < 100_000 else mesh.etcdctl("put", key, input=value)
+        wait_until(lambda: all("node 'n2' published invalid probe verdicts" in degraded(n) for n in ("n1", "h1")),
+                   20, what=f"the bad verdicts ({case}) reported")
+        assert mesh.aggregator_everywhere("blue", ("n1", "n3", "h1")) == {"n1"}, case
+        mesh.etcdctl("put", key, "--", json.dumps(good))
+        wait_until(lambda: "invalid probe verdicts" not in degraded("n1"), 20, what=f"no report after {case}")
+
+    # Valid, but lies: n2 says every candidate's tunnel fails. One node's word is one failed
+    # tunnel each, against the working ones the others report: nobody is blamed.
+    lie = {**good, "verdicts": [{"node": n, "state": "Failing", "since": "2026-01-01T00:00:00Z"} for n in ("n1", "n3")]}
+    readers = ("n1", "n3", "h1")
+    reconciles = {n: mesh.metric_sum(n, "zmesh_reconcile_total", network="blue") for n in readers}
+    mesh.etcdctl("put", key, "--", json.dumps(lie))
+    wait_until(lambda: all(mesh.metric_sum(n, "zmesh_reconcile_total", network="blue") > reconciles[n]
+                           and mesh.metric_sum(n, "zmesh_etcd_revision_lag") == 0 for n in readers),
+               20, what="the lie read and reconciled by n1, n3 and h1")
+    for n in ("n1", "n3", "h1"):
+        status = mesh.aggregator_status(n, "blue")
+        assert (status["node"], status["reason"]) == ("n1", "Preferred"), status
+    assert reachable_from_hidden(mesh, ("n1", "n3"), hidden=("h1",))
+    for n in ("n1", "n3", "h1"):
+        assert mesh.ready(n) and "Traceback" not in mesh.world.agent_log(n)
+    mesh.etcdctl("lease", "revoke", lease)

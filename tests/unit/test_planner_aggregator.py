@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from controller.models.resources import NetworkResourceVerdicts
 from controller.planner.aggregator import (
     DEGRADED,
     FAILED_OVER,
@@ -248,3 +249,38 @@ def test_a_flapping_aggregator_is_failed_over_once_and_never_moved_back_while_it
     switches = [(i, b) for i, (a, b) in enumerate(zip(choices, choices[1:]), 1) if a != b]
     assert [b for _, b in switches] == ["b", "a"], switches
     assert switches[1][0] >= 120 + 30, "moved back only a hold-down after the link settled"
+
+
+# --- the verdicts as published (models.resources.NetworkResourceVerdicts) -----------------------
+
+def verdicts_doc(items, **over):
+    return {"network": "blue", "node": "b", "verdicts": items, **over}
+
+
+ONE = {"node": "a", "state": "Failing", "since": "2026-01-01T00:00:00Z"}
+
+
+def test_published_verdicts_parse_to_states():
+    v = NetworkResourceVerdicts.model_validate(verdicts_doc([ONE, {**ONE, "node": "c", "state": "Forwarding"}]))
+    assert v.states() == {"a": FAILING, "c": FORWARDING}
+
+
+@pytest.mark.parametrize("items, over, problem", [
+    ([{**ONE, "node": "b"}], {}, "cannot judge its own tunnel"),
+    ([ONE, ONE], {}, "more than once"),
+    ([{**ONE, "state": "Dead"}], {}, "state"),
+    ([{"node": "a", "state": "Failing"}], {}, "since"),
+    ([{**ONE, "node": "A/../x"}], {}, "not a valid name"),
+    ([{**ONE, "node": f"x{i}"} for i in range(65)], {}, "at most 64"),
+    ([ONE], {"blame": "a"}, "Extra inputs"),
+])
+def test_published_verdicts_are_validated_strictly(items, over, problem):
+    with pytest.raises(ValueError, match=problem):
+        NetworkResourceVerdicts.model_validate(verdicts_doc(items, **over))
+
+
+def test_one_node_lying_about_every_tunnel_cannot_move_the_aggregator():
+    verdicts = mesh_verdicts()
+    verdicts["b"] = {"a": FAILING, "c": FAILING}
+    assert blamed_nodes(verdicts) == {"b"}
+    assert choose(verdicts=verdicts).reason == PREFERRED
