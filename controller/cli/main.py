@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from controller.models.resources import Network
+from controller.planner.ndmz import UplinkConfig
 from controller.store.access import ConfigError, EtcdAccess, read_password_file
 from controller.reconciler.config import (
     DEFAULT_METRICS_ADDR,
@@ -32,7 +33,9 @@ from controller.reconciler.config import (
     parse_endpoint,
     parse_count,
     parse_host_port,
+    parse_interface_address,
     parse_interval,
+    parse_ipv4,
     parse_node_id,
     split_endpoints,
 )
@@ -299,6 +302,13 @@ def add_agent_options(p: argparse.ArgumentParser, top: bool = True) -> None:
     p.add_argument("--metrics-peer-limit", default=str(DEFAULT_PEER_SERIES_LIMIT), metavar="N",
                    help="per-peer metric series for at most N peers of this node (default: "
                         "%(default)s; per-network totals always count every peer)")
+    p.add_argument("--ndmz-nic", default=None, metavar="IFNAME",
+                   help="dual NIC: move this NIC into the ndmz, where it carries the NRs' Internet "
+                        "traffic alone (default: single NIC, through the host namespace)")
+    p.add_argument("--ndmz-address", default=None, metavar="ADDR/PREFIX",
+                   help="with --ndmz-nic: the NIC's IPv4 address, e.g. 198.51.100.111/24")
+    p.add_argument("--ndmz-gateway", default=None, metavar="ADDR",
+                   help="with --ndmz-nic: the default gateway on that NIC's network")
     p.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
     p.add_argument("--reconcile-workers", type=_workers, default=4, metavar="N",
                    help="networks reconciled at the same time (default: 4)")
@@ -320,6 +330,9 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
     host, port = conv("--metrics-addr", parse_host_port, args.metrics_addr)
     _endpoints, prefix, timeout = connection(args)
     access = etcd_access(args)
+    address = conv("--ndmz-address", parse_interface_address, args.ndmz_address) if args.ndmz_address else None
+    gateway = conv("--ndmz-gateway", parse_ipv4, args.ndmz_gateway) if args.ndmz_gateway else None
+    uplink = conv("--ndmz-nic", lambda nic: UplinkConfig(nic, address, gateway), args.ndmz_nic)
     fields = dict(
         node_id=conv("--node-id", parse_node_id, args.node_id),
         etcd=access.endpoints,
@@ -343,6 +356,7 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
         observe_interval=conv("--observe-interval", parse_interval, args.observe_interval),
         peer_stale_after=conv("--peer-stale-after", parse_interval, args.peer_stale_after),
         metrics_peer_limit=conv("--metrics-peer-limit", parse_count, args.metrics_peer_limit),
+        uplink=uplink,
     )
     try:
         return AgentConfig(**fields)

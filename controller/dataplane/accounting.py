@@ -2,7 +2,7 @@
 counter would make one network's reconcile look "changed" by another's writes.
 
     with counting() as writes:          # in the reconciler, around one reconcile
-        ...                             # Links, the WireGuard backend and the store writes
+        ...                             # Links, the WireGuard and nftables backends, the store write
     writes.total                        # made by this reconcile only
 
 `count(kind, n)` adds to the counter of the task that runs it (a ContextVar: asyncio copies the
@@ -21,11 +21,12 @@ from dataclasses import dataclass
 class WriteCount:
     link: int = 0
     wireguard: int = 0
+    nftables: int = 0
     etcd: int = 0
 
     @property
     def total(self) -> int:
-        return self.link + self.wireguard + self.etcd
+        return self.link + self.wireguard + self.nftables + self.etcd
 
 
 _current: ContextVar[WriteCount | None] = ContextVar("zmesh_write_count", default=None)
@@ -35,6 +36,11 @@ def count(kind: str, n: int = 1) -> None:
     c = _current.get()
     if c is not None and n:
         setattr(c, kind, getattr(c, kind) + n)
+
+
+def active() -> WriteCount | None:
+    """The counter of the running reconcile, None outside `counting()`."""
+    return _current.get()
 
 
 def current() -> WriteCount:

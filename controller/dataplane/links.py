@@ -13,6 +13,7 @@ IPv4 only: NR subnets and workload addresses are IPv4 (models.resources).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 from collections import Counter
@@ -21,7 +22,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .accounting import count
+from .accounting import active, count
 from .netns import (
     NetlinkPool,
     create_netns,
@@ -49,6 +50,7 @@ class LinkState:
     up: bool  # administratively up (IFF_UP)
     peer_index: int | None  # IFLA_LINK: a veth's peer ifindex (in the peer's namespace)
     addresses: frozenset[IPv4Interface] = frozenset()
+    isolated: bool | None = None  # a bridge port's isolation flag; None: not a bridge port
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,10 @@ class VethAttachment:
 
 
 def _link_state(m, addresses=()) -> LinkState:
+    info = m.get("IFLA_LINKINFO")
+    isolated = None
+    if info is not None and info.get("IFLA_INFO_SLAVE_KIND") == "bridge":
+        isolated = bool(info.get_nested("IFLA_INFO_SLAVE_DATA", "IFLA_BRPORT_ISOLATED"))
     return LinkState(
         index=m["index"],
         name=m.get("IFLA_IFNAME"),
@@ -107,6 +113,7 @@ def _link_state(m, addresses=()) -> LinkState:
         up=bool(m["flags"] & IFF_UP),
         peer_index=m.get("IFLA_LINK"),
         addresses=frozenset(addresses),
+        isolated=isolated,
     )
 
 
@@ -114,6 +121,22 @@ async def _get_link(ipr, name: str) -> LinkState:
     """One link by name (cheaper than a dump right after creating it; it has no addresses)."""
     (m,) = await ipr.link("get", ifname=name)
     return _link_state(m)
+
+
+async def _get_link_or_none(ipr, name: str) -> LinkState | None:
+    try:
+        return await _get_link(ipr, name)
+    except NetlinkError as e:
+        if e.code != errno.ENODEV:
+            raise
+        return None
+
+
+async def _with_addresses(ipr, link: LinkState) -> LinkState:
+    """`link` with its IPv4 addresses (one address dump filtered to the link)."""
+    addresses = {IPv4Interface(f"{m.get('IFA_ADDRESS')}/{m['prefixlen']}")
+                 for m in await _dump(ipr, "addr", family=2, index=link.index)}
+    return dataclasses.replace(link, addresses=frozenset(addresses))
 
 
 async def _dump(ipr, what: str, **kw) -> list:
@@ -159,6 +182,34 @@ async def observe_netns(
     if sysctls:
         fwd = (await sysctl_get(netns, "net.ipv4.ip_forward")) == "1"
     return NRState(netns=netns, links=links, routes=tuple(routes), ip_forward=fwd)
+
+
+class Observation:
+    """One observation of a namespace serving every step of a reconcile, read again only after
+    this reconcile wrote to the kernel (inside `accounting.counting()`: other reconciles run
+    concurrently; outside it, any write through `links`) or `stale()` was called: a converged
+    namespace costs a single netlink dump."""
+
+    def __init__(self, links: "Links", netns: str, state: NRState | None):
+        self.links, self.netns, self.state = links, netns, state
+        mine = active()
+        self._written = (lambda: mine.link) if mine is not None else (lambda: links.writes)
+        self._seen = self._written()
+
+    @classmethod
+    async def of(cls, links: "Links", netns: str) -> "Observation":
+        """Observe `netns` now (None state if it does not exist)."""
+        return cls(links, netns, await links.observe(netns) if netns_exists(netns) else None)
+
+    def stale(self) -> None:
+        """Something outside `Links` changed the namespace (e.g. a WireGuard device appeared)."""
+        self._seen = -1
+
+    async def fresh(self) -> NRState | None:
+        if self._written() != self._seen:
+            self.state = await self.links.observe(self.netns)
+            self._seen = self._written()
+        return self.state
 
 
 class Links:
@@ -209,6 +260,12 @@ class Links:
             self._wrote("sysctl", int(wrote))
             n += int(wrote)
         return n
+
+    async def ensure_sysctl(self, netns: str | None, key: str, value: str) -> int:
+        """A net.* sysctl of a namespace has `value` (e.g. the host's IPv4 forwarding)."""
+        wrote = int(await sysctl_set(netns, key, value))
+        self._wrote("sysctl", wrote)
+        return wrote
 
     async def delete_nr(self, netns: str) -> bool:
         """Delete the NR namespace with everything in it (veths to workloads die with it)."""
@@ -277,7 +334,8 @@ class Links:
         finally:
             os.close(fd)
 
-    async def _ensure_link_attrs(self, ipr, link: LinkState, mtu=None, up=True, master=None) -> int:
+    async def _ensure_link_attrs(self, ipr, link: LinkState, mtu=None, up=True, master=None,
+                                 isolated: bool | None = None) -> int:
         kw = {}
         if mtu and link.mtu != mtu:
             kw["mtu"] = mtu
@@ -285,10 +343,20 @@ class Links:
             kw["master"] = master
         if up and not link.up:
             kw["state"] = "up"
-        if not kw:
-            return 0
-        await self._w("link", ipr.link("set", index=link.index, **kw))
-        return 1
+        n = 0
+        if kw:
+            await self._w("link", ipr.link("set", index=link.index, **kw))
+            n += 1
+        # A port's flags are bridge-port attributes: set once it is enslaved, in a message of its own.
+        if isolated is not None and (link.isolated != isolated or "master" in kw):
+            await self._w("link", ipr.link("set", index=link.index, kind="bridge_slave", isolated=int(isolated)))
+            n += 1
+        return n
+
+    async def ensure_addresses(self, netns: str | None, name: str, want, observed: NRState | None = None) -> int:
+        """An existing link holds exactly the addresses `want` (IPv4)."""
+        _, link = await self._existing_link(netns, name, observed)
+        return await self._ensure_addresses(await self.pool.get(netns), link, set(want))
 
     async def _ensure_addresses(self, ipr, link: LinkState, want: set[IPv4Interface]) -> int:
         n = 0
@@ -303,9 +371,11 @@ class Links:
     # --- routes ---------------------------------------------------------------------------
 
     async def ensure_routes(
-        self, netns: str, dev: str, dsts, observed: NRState | None = None
+        self, netns: str, dev: str, dsts, observed: NRState | None = None,
+        via: IPv4Address | None = None,
     ) -> int:
-        """The routes via `dev` are exactly `dsts` (e.g. other NRs' subnets via the wg link).
+        """The routes via `dev` are exactly `dsts` (e.g. other NRs' subnets via the wg link),
+        through gateway `via` if given (e.g. the default route via the ndmz gateway).
 
         A destination routed elsewhere is moved to `dev`; routes via `dev` not wanted are removed.
         """
@@ -317,12 +387,14 @@ class Links:
         for dst in sorted(set(have) - want):
             await self._w("route", ipr.route("del", dst=str(dst), oif=link.index, table=RT_TABLE_MAIN))
             n += 1
+        gateway = {"gateway": str(via)} if via is not None else {}
         for dst in sorted(want):
             r = have.get(dst)
-            if r is not None and r.gateway is None:
+            if r is not None and r.gateway == via:
                 continue
             # replace: also takes over a destination that currently points elsewhere
-            await self._w("route", ipr.route("replace", dst=str(dst), oif=link.index, table=RT_TABLE_MAIN))
+            await self._w("route", ipr.route("replace", dst=str(dst), oif=link.index, table=RT_TABLE_MAIN,
+                                             **gateway))
             n += 1
         return n
 
@@ -355,41 +427,14 @@ class Links:
         br = st.link(bridge)
         if br is None:
             raise FileNotFoundError(errno.ENODEV, f"no bridge {bridge} in {nr_netns}")
-        n = 0
-        host = st.link(wl.host_ifname)
         wst = await observe_netns(None, wl.netns, sysctls=False, ipr=wipr)
-        inner = wst.link(wl.ifname)
-        if host is not None and (inner is None or inner.peer_index != host.index):
-            # our host end lost its peer (namespace recreated, peer renamed): start over
-            await self._w("link", ipr.link("del", index=host.index))
-            n += 1
-            host = None
-        if host is None:
-            if inner is not None:
-                raise RuntimeError(
-                    f"{wl.netns} already has a link {wl.ifname} that is not attached to {nr_netns}"
-                )
-            fd = os.open(netns_path(wl.netns), os.O_RDONLY)
-            try:
-                await self._w(
-                    "link",
-                    ipr.link(
-                        "add",
-                        ifname=wl.host_ifname,
-                        kind="veth",
-                        mtu=wl.mtu,
-                        master=br.index,
-                        peer={"ifname": wl.ifname, "net_ns_fd": fd, "mtu": wl.mtu},
-                    ),
-                )
-            finally:
-                os.close(fd)
-            n += 1
-            host = await _get_link(ipr, wl.host_ifname)
-            inner = await _get_link(wipr, wl.ifname)  # wst's routes stay valid: eth0 is new
+        n, host, inner = await self._ensure_veth_pair(
+            ipr, st.link(wl.host_ifname), wl.host_ifname, nr_netns,
+            wipr, wst.link(wl.ifname), wl.ifname, wl.netns, owned=False, mtu=wl.mtu, master=br.index)
         n += await self._ensure_link_attrs(ipr, host, mtu=wl.mtu, up=True, master=br.index)
         n += await self._ensure_addresses(wipr, inner, {wl.address})
         n += await self._ensure_link_attrs(wipr, inner, mtu=wl.mtu, up=True)
+        # wst's routes stay valid when eth0 is new: a new link has none
         dflt = wst.route(DEFAULT_ROUTE)
         if dflt is None or dflt.gateway != wl.gateway or dflt.oif != inner.index:
             await self._w(
@@ -398,12 +443,93 @@ class Links:
             n += 1
         return n
 
-    async def remove_workload(self, nr_netns: str, host_ifname: str) -> bool:
-        """Delete the workload's veth (both ends) and nothing else. True if it existed."""
-        if not netns_exists(nr_netns):
+    async def _ensure_veth_pair(self, ipr, link: LinkState | None, name: str, netns: str | None,
+                                peer_ipr, peer: LinkState | None, peer_name: str, peer_netns: str,
+                                *, owned: bool, mtu: int | None = None, master: int | None = None):
+        """A veth `name` in `netns` whose peer is `peer_name` in `peer_netns`, created from this
+        side with the peer directly in the other namespace (no 20 ms move). `link`/`peer`: what
+        each namespace has under those names (None: nothing). Our end whose peer is gone or
+        renamed is recreated. A link named `peer_name` that is not our peer is deleted when the
+        other namespace is ours (`owned`), else refused: we never delete what is not ours.
+        Returns (writes, our end, the peer)."""
+        n = 0
+        if link is not None and link.kind != "veth":
+            raise RuntimeError(f"{netns or 'own netns'}: {name} exists but is a {link.kind}, not a veth")
+        if link is not None and (peer is None or peer.peer_index != link.index):
+            # our end lost its peer (namespace recreated, peer renamed): start over
+            await self._w("link", ipr.link("del", index=link.index))
+            n += 1
+            link = None
+        if link is None:
+            if peer is not None:
+                if not owned:
+                    raise RuntimeError(
+                        f"{peer_netns} already has a link {peer_name} that is not attached to {netns}")
+                await self._w("link", peer_ipr.link("del", index=peer.index))
+                n += 1
+            fd = os.open(netns_path(peer_netns), os.O_RDONLY)
+            try:
+                mtus = {"mtu": mtu} if mtu else {}
+                masters = {"master": master} if master is not None else {}
+                await self._w("link", ipr.link("add", ifname=name, kind="veth", **mtus, **masters,
+                                               peer={"ifname": peer_name, "net_ns_fd": fd, **mtus}))
+            finally:
+                os.close(fd)
+            n += 1
+            link = await _get_link(ipr, name)
+            peer = await _get_link(peer_ipr, peer_name)
+        return n, link, peer
+
+    # --- the ndmz: NR public legs and the uplink veth ------------------------------------
+
+    async def ensure_public_leg(self, ndmz_netns: str, bridge: str, port: str, nr_netns: str,
+                                ifname: str, address: IPv4Interface,
+                                nr_observed: NRState | None = None) -> int:
+        """The NR's veth `ifname` (e.g. "public") with `address`, up, whose peer `port` sits on
+        the ndmz's `bridge`, isolated from the other ports (NRs never talk to each other at
+        layer 2) and up. Reads one link in the ndmz, not the whole namespace."""
+        ipr, nr_ipr = await self.pool.get(ndmz_netns), await self.pool.get(nr_netns)
+        br = await _get_link_or_none(ipr, bridge)
+        if br is None:
+            raise FileNotFoundError(errno.ENODEV, f"no bridge {bridge} in {ndmz_netns}")
+        nr_st = nr_observed if nr_observed is not None else await self.observe(nr_netns, sysctls=False)
+        n, ours, leg = await self._ensure_veth_pair(
+            ipr, await _get_link_or_none(ipr, port), port, ndmz_netns,
+            nr_ipr, nr_st.link(ifname), ifname, nr_netns, owned=True, master=br.index)
+        n += await self._ensure_link_attrs(ipr, ours, up=True, master=br.index, isolated=True)
+        n += await self._ensure_addresses(nr_ipr, leg, {address})  # a new leg has none
+        n += await self._ensure_link_attrs(nr_ipr, leg, up=True)
+        return n
+
+    async def ensure_uplink_veth(self, ndmz_netns: str, ifname: str, address: IPv4Interface,
+                                 host_netns: str | None, host_ifname: str,
+                                 host_address: IPv4Interface, observed: NRState | None = None) -> int:
+        """Single NIC: the veth between the ndmz (`ifname`, `address`) and the node's host
+        namespace (`host_ifname`, `host_address`), both ends up. A link of that name in the
+        host that is not our peer is never touched (refused)."""
+        ipr, host_ipr = await self.pool.get(ndmz_netns), await self.pool.get(host_netns)
+        st = observed if observed is not None else await self.observe(ndmz_netns, sysctls=False)
+        host = await _get_link_or_none(host_ipr, host_ifname)
+        if host is not None:
+            host = await _with_addresses(host_ipr, host)
+        n, ours, peer = await self._ensure_veth_pair(
+            ipr, st.link(ifname), ifname, ndmz_netns, host_ipr, host, host_ifname,
+            host_netns or "/proc/self/ns/net", owned=False)
+        if n:  # created: no addresses yet
+            ours, peer = await _with_addresses(ipr, ours), await _with_addresses(host_ipr, peer)
+        n += await self._ensure_addresses(ipr, ours, {address})
+        n += await self._ensure_link_attrs(ipr, ours, up=True)
+        n += await self._ensure_addresses(host_ipr, peer, {host_address})
+        n += await self._ensure_link_attrs(host_ipr, peer, up=True)
+        return n
+
+    async def remove_veth(self, netns: str, ifname: str) -> bool:
+        """Delete a veth of ours (both ends: a workload's, the ndmz's old uplink) and nothing
+        else. True if it existed."""
+        if not netns_exists(netns):
             return False
-        ipr = await self.pool.get(nr_netns)
-        idx = await ipr.link_lookup(ifname=host_ifname)
+        ipr = await self.pool.get(netns)
+        idx = await ipr.link_lookup(ifname=ifname)
         if not idx:
             return False
         try:

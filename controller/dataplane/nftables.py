@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 
 from controller.models.nftables import Table
 
+from .accounting import count
 from .netns import netns_exists, netns_path
 
 TIMEOUT = 10.0  # seconds for one nft run (a listing takes milliseconds)
@@ -153,6 +154,7 @@ class Nftables:
         if rc != 0:
             raise NftError(f"nft -f in {netns or 'own netns'} failed: {_first_line(err)}")
         self.writes += 1
+        count("nftables")  # for the reconcile that made it (accounting.counting)
         return 1
 
 

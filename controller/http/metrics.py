@@ -219,7 +219,7 @@ class _WritesCollector(Collector):
         yield c
 
 
-WRITE_KINDS = ("netns", "link", "address", "route", "sysctl", "wireguard")
+WRITE_KINDS = ("netns", "link", "address", "route", "sysctl", "wireguard", "nftables")
 MANAGED = {
     "zmesh_networks": "Networks the index names for this node",
     "zmesh_network_resources": "Network resources (NR namespaces) on this node",

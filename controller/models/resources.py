@@ -469,6 +469,11 @@ class ResourceStatus(_Strict):
     observedGeneration: int = 0
     conditions: list[Condition] = Field(default_factory=list, max_length=MAX_CONDITIONS)
     aggregator: AggregatorStatus | None = None
+    # Where the NR's Internet traffic leaves, for `zmesh describe`: the address of its public
+    # leg in the node's ndmz, and the node whose WireGuard peer carries it instead when the
+    # network has an egress NR elsewhere (None: through its own leg).
+    publicAddress: ipaddress.IPv4Address | None = None
+    internetVia: NodeId | None = None
 
 
 class NetworkResourceFacts(_Strict):

@@ -14,6 +14,7 @@ import signal
 from importlib.metadata import PackageNotFoundError, version
 
 from controller.dataplane.links import Links
+from controller.dataplane.nftables import Nftables
 from controller.dataplane.wireguard import select_backend
 from controller.dataplane.wireguard.base import KeyStore
 from controller.http.metrics import AgentMetrics
@@ -27,6 +28,7 @@ from controller.store.events import EventRecorder
 from controller.store.indexer import Indexer
 
 from .config import AgentConfig
+from .ndmz import NDMZ_KEY, NdmzReconciler
 from .meshview import MeshView
 from .observer import Observer
 from .probing import Prober
@@ -53,12 +55,14 @@ class Agent:
         self.config = config
         names.check_prefix(config.name_prefix)
         self.reconciler: Reconciler | None = None  # made in run(), once the underlay is known
-        self.readiness = Readiness(["registered", "etcd", "reconciled"])
+        self.readiness = Readiness(["registered", "etcd", "reconciled", "ndmz"])
         self.queue: WorkQueue[str] = WorkQueue(name=f"agent-{config.node_id}")
         self.store = config.etcd_access.open_store(config.prefix, timeout=config.etcd_timeout)
         self.scope = NodeScope(self.store, config.node_id, self.queue.add)
         self.state = LocalState(config.state_dir)
         self.links = Links()
+        self.nftables = Nftables()
+        self.ndmz: NdmzReconciler | None = None  # made in run(), with the reconciler
         self.wireguard = select_backend(str(config.state_dir), config.host_netns, self.links)
         # Observability: what the agent saw (snapshot), what it exports (metrics), what it tells
         # the operator in etcd (events); docs/observability.md.
@@ -120,6 +124,9 @@ class Agent:
                  cfg.node_id, cfg.metrics_host, port, self.wireguard.kind, cfg.host_netns or "(own)")
         ctx = NodeContext(node_id=cfg.node_id, name_prefix=cfg.name_prefix,
                           endpoints=tuple(cfg.public_endpoints), underlay_mtu=await self.underlay_mtu())
+        self.ndmz = NdmzReconciler(
+            ctx=ctx, uplink=cfg.uplink, links=self.links, nftables=self.nftables, state=self.state,
+            host_netns=cfg.host_netns, on_change=self._enqueue_networks)
         self.prober = Prober(node_id=cfg.node_id, wireguard=self.wireguard,
                              publish=self._publish_verdicts, published=self.scope.own_verdicts,
                              alive=self.scope.peer_alive, interval=cfg.probe_interval,
@@ -127,8 +134,8 @@ class Agent:
         self.reconciler = Reconciler(
             ctx=ctx, store=self.store, scope=self.scope, links=self.links, wireguard=self.wireguard,
             keys=KeyStore(str(cfg.state_dir)), state=self.state, port_range=cfg.listen_port_range,
-            metrics=self.metrics, host_netns=cfg.host_netns, telemetry=self.telemetry,
-            prober=self.prober)
+            metrics=self.metrics, nftables=self.nftables, ndmz=self.ndmz, host_netns=cfg.host_netns,
+            telemetry=self.telemetry, prober=self.prober)
         self.registration = None
         try:
             await self.scope.start()
@@ -139,6 +146,8 @@ class Agent:
             # Networks reconcile in parallel, a bounded number at a time; the queue never runs
             # two reconciles of one network at once.
             self._spawn(self.queue.run(self._work, cfg.reconcile_workers), "workqueue")
+            # The node-level state from the start, without waiting for etcd: NRs' legs attach to it.
+            self._spawn(self._ndmz_resync_loop(), "ndmz-resync")
             self._spawn(self._resync_loop(), "resync")
             self._spawn(self.prober.run(), "prober")
             self._spawn(self._readiness_loop(), "readiness")
@@ -199,6 +208,8 @@ class Agent:
             log.warning("network %s: cannot publish probe verdicts: %s", verdicts.network, e)
 
     async def _work(self, network: str) -> float | None:
+        if network == NDMZ_KEY:
+            return await self.ndmz.reconcile()
         revision = self.scope.changed.get(network, 0)
         try:
             requeue = await self.reconciler.reconcile(network)
@@ -227,7 +238,8 @@ class Agent:
 
     def kernel_writes(self) -> dict[str, int]:
         return {**self.links.writes_by_kind,
-                "wireguard": self.reconciler.wg_writes if self.reconciler else 0}
+                "wireguard": self.reconciler.wg_writes if self.reconciler else 0,
+                "nftables": self.nftables.writes}
 
     def status_view(self) -> dict:
         """/status: the node, its readiness and etcd connection, and everything it observed."""
@@ -252,8 +264,7 @@ class Agent:
         also while the agent was down)."""
         await self._wait_synced()
         while True:
-            for network in sorted(self._all_networks()):
-                self.queue.add(network)
+            self._enqueue_networks()
             if self.scope.synced():
                 try:
                     swept = await self.reconciler.sweep(self._all_networks())
@@ -261,6 +272,16 @@ class Agent:
                         log.info("removed %d key(s) this node had published for deleted objects", swept)
                 except StoreError as e:  # etcd away: next time
                     log.debug("sweep skipped: %s", e)
+            await asyncio.sleep(self.config.resync_interval)
+
+    def _enqueue_networks(self) -> None:
+        for network in sorted(self._all_networks()):
+            self.queue.add(network)
+
+    async def _ndmz_resync_loop(self) -> None:
+        """The same for the ndmz, which needs nothing from etcd: from the start, etcd or not."""
+        while True:
+            self.queue.add(NDMZ_KEY)
             await asyncio.sleep(self.config.resync_interval)
 
     async def _wait_synced(self) -> None:
@@ -277,6 +298,7 @@ class Agent:
                 "etcd": self.scope.synced(),
                 "reconciled": self.scope.index_synced
                 and self._all_networks() <= self.reconciler.reconciled,
+                "ndmz": self.ndmz.passes > 0,  # built once: NRs can reach the Internet
             }
             for gate, is_open in gates.items():
                 (self.readiness.open if is_open else self.readiness.close)(gate)

@@ -19,6 +19,7 @@ from controller.http.snapshot import (
     min_stale_after,
 )
 from controller.models.resources import NodeId, PortRange, parse_public_address
+from controller.planner.ndmz import UplinkConfig
 from controller.store.access import EtcdAccess
 from pydantic import TypeAdapter
 
@@ -64,6 +65,9 @@ class AgentConfig:
     indexer: str = "auto"
     # How many networks are reconciled at the same time (one hung helper delays only its own).
     reconcile_workers: int = 4
+
+    # How the ndmz reaches the Internet: through the host namespace (default), or a NIC of its own.
+    uplink: UplinkConfig = field(default_factory=UplinkConfig)
 
     @property
     def etcd_access(self) -> EtcdAccess:
@@ -143,6 +147,22 @@ def parse_count(text: str) -> int:
     if not text.isdigit():
         raise ValueError(f"bad number {text!r}: expected a whole number, 0 or more")
     return int(text)
+def parse_interface_address(text: str) -> ipaddress.IPv4Interface:
+    try:
+        value = ipaddress.IPv4Interface(text)
+    except ValueError:
+        raise ValueError(f"bad address {text!r}: expected an IPv4 address with its prefix, "
+                         "e.g. 198.51.100.111/24") from None
+    if "/" not in text:
+        raise ValueError(f"bad address {text!r}: give its prefix length too, e.g. {text}/24")
+    return value
+
+
+def parse_ipv4(text: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(text)
+    except ValueError:
+        raise ValueError(f"bad address {text!r}: expected an IPv4 address") from None
 
 
 def parse_interval(text: str) -> float:

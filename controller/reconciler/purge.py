@@ -1,6 +1,8 @@
 """Remove everything a node's agent made, from its state dir alone (no etcd needed): every NR
 namespace it recorded, every wireguard-go process it started (killed by recorded, verified PID),
-their sockets and the private keys. For decommissioning a node and for test/demo teardown."""
+their sockets and the private keys, and the ndmz (a dual-NIC NIC moved back to the host first;
+the single-NIC veth goes with the namespace) with Zero-Mesh's table in the host namespace.
+For decommissioning a node and for test/demo teardown."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ import logging
 from pathlib import Path
 
 from controller.dataplane.links import Links
-from controller.dataplane.netns import delete_netns, netns_exists
+from controller.dataplane.netns import delete_netns, netns_exists, sysctl_set
+from controller.dataplane.nftables import Nftables
 from controller.dataplane.wireguard.base import KeyStore
 from controller.dataplane.wireguard.userspace import UserspaceBackend
 from controller.planner import names
@@ -50,9 +53,31 @@ async def purge_node(*, state_dir: Path | str, name_prefix: str) -> list[str]:
             if await wg.delete_device(ifname, ""):
                 removed.append(f"wireguard-go {ifname}")
             keys.remove(ifname)
+        if state.ndmz is not None:
+            removed += await _purge_ndmz(state, links)
     finally:
         await wg.close()
         links.close()
     for item in removed:
         log.info("purged %s", item)
+    return removed
+
+
+async def _purge_ndmz(state: LocalState, links: Links) -> list[str]:
+    ndmz, removed = state.ndmz, []
+    if netns_exists(ndmz.netns):
+        if ndmz.nic and (await links.observe(ndmz.netns, sysctls=False)).link(ndmz.nic):
+            # A real NIC would otherwise fall back to the machine's first namespace.
+            await links.move_link(ndmz.netns, ndmz.nic, ndmz.host_netns)
+            removed.append(f"NIC {ndmz.nic} moved back to {ndmz.host_netns or 'the host namespace'}")
+        links.pool.forget(ndmz.netns)
+        if await delete_netns(ndmz.netns):
+            removed.append(f"netns {ndmz.netns}")
+    if ndmz.host_netns is None or netns_exists(ndmz.host_netns):
+        where = ndmz.host_netns or "the host namespace"
+        if await Nftables().remove(ndmz.host_netns, "inet", ndmz.host_table):
+            removed.append(f"nftables table inet {ndmz.host_table} in {where}")
+        if ndmz.host_forwarding == "0" and await sysctl_set(ndmz.host_netns, "net.ipv4.ip_forward", "0"):
+            removed.append(f"IPv4 forwarding in {where} (off again, as before)")
+    state.record_ndmz(None)
     return removed

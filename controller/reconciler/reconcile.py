@@ -18,10 +18,11 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from controller.dataplane import accounting
 from controller.dataplane.accounting import count, counting
-from controller.dataplane.links import Links, VethAttachment
+from controller.dataplane.links import DEFAULT_ROUTE, Links, Observation, VethAttachment
 from controller.dataplane.netns import NotANetns, netns_exists, netns_identity, pinned_netns
 from controller.dataplane.wireguard.base import DesiredPeer as WgPeer
 from controller.dataplane.wireguard.base import KeyStore, WireGuardBackend, WireGuardError
+from controller.dataplane.nftables import Nftables
 from controller.dataplane.wireguard.uapi import UAPITimeout
 from controller.http.metrics import AgentMetrics
 from controller.models.resources import (
@@ -41,13 +42,16 @@ from controller.models.resources import (
 from controller.planner import names
 from controller.planner.allocation import (
     PortsExhausted,
+    PublicAddressesExhausted,
     allocate_listen_port,
+    allocate_public_ip,
     allocate_workload_ips,
     held_addresses,
 )
-from controller.planner.plan import PEER_PENDING, DesiredNR, LocalFacts, NodeContext, plan_network
+from controller.planner.plan import PEER_PENDING, DesiredNR, Issue, LocalFacts, NodeContext, plan_network
 from controller.store.client import Delete, EtcdStore, StoreError
 
+from .ndmz import NdmzReconciler
 from .probing import Prober
 from .scope import NodeScope
 from .state import LocalState
@@ -66,6 +70,8 @@ def _identity_or_none(ref: str | None) -> tuple[int, int] | None:
 # that its container runtime has not created yet); etcd changes need no polling: they are watched.
 WAIT_FOR_NETNS = 2.0
 WAIT_FOR_CACHE = 0.2
+WAIT_FOR_NDMZ = 1.0  # the ndmz is built by its own queue key, usually within milliseconds
+NO_INTERNET = "InternetPending"  # the NR's public leg cannot be attached (the ndmz is not ready)
 # Bound on attaching one workload (netlink in its namespace): a wedged one delays only itself.
 NETLINK_TIMEOUT = 10.0
 # Bound on one whole reconcile, whatever hangs in it (a kernel call, a helper like nft, etcd):
@@ -86,9 +92,12 @@ class Outcome:
 class Reconciler:
     def __init__(self, *, ctx: NodeContext, store: EtcdStore, scope: NodeScope, links: Links,
                  wireguard: WireGuardBackend, keys: KeyStore, state: LocalState,
-                 port_range: PortRange, metrics: AgentMetrics, host_netns: str | None = None,
+                 port_range: PortRange, metrics: AgentMetrics, nftables: Nftables,
+                 ndmz: NdmzReconciler, host_netns: str | None = None,
                  telemetry: Telemetry | None = None, prober: Prober | None = None):
         self.ctx = ctx
+        self.nft = nftables
+        self.ndmz = ndmz
         self.host_netns = host_netns
         self.store = store
         self.scope = scope
@@ -110,9 +119,9 @@ class Reconciler:
 
     @property
     def writes(self) -> int:
-        """Kernel + WireGuard + etcd writes so far, by every reconcile: unchanged across a
-        converged resync."""
-        return self.links.writes + self.wg_writes + self.etcd_writes
+        """Kernel + WireGuard + nftables + etcd writes so far, by every reconcile: unchanged
+        across a converged resync."""
+        return self.links.writes + self.wg_writes + self.nft.writes + self.etcd_writes
 
     def _wrote(self, kind: str) -> None:
         if kind == "etcd":
@@ -214,12 +223,18 @@ class Reconciler:
         # its address (bad input never hurts what was running).
         kept = {w: ip for w, ip in previous.items() if w in broken}
         allocations, ip_problems = allocate_workload_ips(own.subnet, workloads, previous, reserved=kept)
-        if port is not None:
+        # The public leg's address too, in the same step: no other NR may take it meanwhile.
+        try:
+            public_ip = allocate_public_ip(self.state.public_ips(), name)
+        except PublicAddressesExhausted as e:
+            public_ip, exhausted = None, e
+        if port is not None and public_ip is not None:
             # Recorded before anything is created: ownership survives a crash at any later point.
-            self.state.record(name, port, {**allocations, **kept})
+            self.state.record(name, port, {**allocations, **kept}, public_ip)
         await self._publish_broken_workloads(broken)
-        if port is None:
-            await self._publish_status(network, [("Ready", "False", "PortsExhausted", str(exhausted))])
+        if port is None or public_ip is None:
+            reason = "PortsExhausted" if port is None else "PublicAddressesExhausted"
+            await self._publish_status(network, [("Ready", "False", reason, str(exhausted))])
             return Outcome("invalid")
 
         wg_ifname = names.wg_ifname(self.ctx.name_prefix, name)
@@ -230,11 +245,11 @@ class Reconciler:
             peer_facts = {**peer_facts, self.ctx.node_id: own_facts}
         verdicts, bad_verdicts = self.scope.verdicts(name)
         desired = plan_network(self.ctx, network, peer_facts, self.scope.alive(name), workloads,
-                               LocalFacts(public_key, port), allocations, bad_facts, verdicts,
+                               LocalFacts(public_key, port, public_ip), allocations, bad_facts, verdicts,
                                bad_verdicts)
         self.telemetry.planned(desired)
         try:
-            observed = await self._apply_nr(desired, private_key)
+            observed, no_internet = await self._apply_nr(desired, private_key)
         except WireGuardError as e:
             if e.errno == errno.EADDRINUSE:
                 # Never fight another program for a port: the retry takes the next free one,
@@ -249,47 +264,41 @@ class Reconciler:
         self.telemetry.observed_links(name, observed)
 
         workload_problems = {**ip_problems, **attach_problems}
+        issues = desired.issues + ((Issue(NO_INTERNET, no_internet),) if no_internet else ())
         conditions = [("Ready", "True", "Converged", "network resource is up")]
-        if desired.issues or workload_problems:
-            reason = desired.issues[0].reason if desired.issues else "WorkloadProblem"
-            conditions.append(("Degraded", "True", reason,
-                               degraded_message(desired.issues, workload_problems)))
+        if issues or workload_problems:
+            reason = issues[0].reason if issues else "WorkloadProblem"
+            conditions.append(("Degraded", "True", reason, degraded_message(issues, workload_problems)))
         else:
             conditions.append(("Degraded", "False", "AsDesired", ""))
         conditions.append(self.telemetry.peers_condition(name))
         await self._publish_facts(NetworkResourceFacts(
             network=name, node=self.ctx.node_id, publicKey=public_key, listenPort=port,
             endpoints=list(self.ctx.endpoints), subnet=own.subnet))
-        await self._publish_status(network, conditions, aggregator=self._aggregator_status(desired))
+        await self._publish_status(network, conditions, aggregator=self._aggregator_status(desired),
+                                   internet=(public_ip, desired.internet_via))
         await self._publish_workloads(network, workloads, allocations, workload_problems,
                                       unaddressed=set(ip_problems))
         await self._forget_stale_workload_statuses(name, {w.name for w in workloads} | set(kept))
         if attach_problems:
             return Outcome("pending", WAIT_FOR_NETNS)
-        return Outcome("pending" if desired.issues or workload_problems else "converged")
+        if no_internet:
+            return Outcome("pending", WAIT_FOR_NDMZ)
+        return Outcome("pending" if issues or workload_problems else "converged")
 
     async def _apply_nr(self, desired: DesiredNR, private_key: str):
-        writes = accounting.current()  # this reconcile's own: others run concurrently
-        nr_existed = netns_exists(desired.netns)
-        # One observation serves every step; it is refreshed only after a step wrote, so a
-        # converged NR costs a single netlink dump.
-        observed = await self.links.observe(desired.netns) if nr_existed else None
-        seen = writes.link
+        # One observation serves every step; it is refreshed only after a step of this reconcile
+        # wrote (others run concurrently), so a converged NR costs a single netlink dump.
+        observation = await Observation.of(self.links, desired.netns)
+        nr_existed, fresh = observation.state is not None, observation.fresh
 
-        async def fresh():
-            nonlocal observed, seen
-            if writes.link != seen:
-                observed = await self.links.observe(desired.netns)
-                seen = writes.link
-            return observed
-
-        if await self.links.ensure_nr(desired.netns, observed=observed) and not nr_existed:
+        if await self.links.ensure_nr(desired.netns, observed=observation.state) and not nr_existed:
             self.telemetry.created(desired.network, desired.netns)
         await self.links.ensure_bridge(desired.netns, desired.bridge, desired.gateway, mtu=desired.mtu,
                                        observed=await fresh())
         if await self.wg.ensure_device(desired.wg_ifname, desired.netns, observed=await fresh()):
             self._wrote("wireguard")
-            seen = -1  # the device (re)appeared: observe again
+            observation.stale()  # the device (re)appeared: observe again
             if nr_existed:  # the NR was there but its WireGuard device was not (or hung): a repair
                 log.warning("network %s: WireGuard device %s was gone or hung; restarted it",
                             desired.network, desired.wg_ifname)
@@ -311,7 +320,32 @@ class Reconciler:
             self._wrote("wireguard")
         await self.links.ensure_routes(desired.netns, desired.wg_ifname, desired.routes,
                                        observed=await fresh())
-        return await fresh()
+        no_internet = await self._apply_internet(desired, observation)
+        return await fresh(), no_internet
+
+    async def _apply_internet(self, desired: DesiredNR, observation: Observation) -> str | None:
+        """The NR's firewall, then its public leg into the ndmz and its default route (the
+        diode is in place before the leg exists). Returns why the NR has no Internet yet (the
+        ndmz is built by its own key and may come later): the mesh works without it."""
+        if desired.ruleset is not None:
+            await self.nft.ensure(desired.netns, desired.ruleset)  # counted by the backend
+        leg = desired.public
+        if leg is None:
+            return None
+        try:
+            await self.links.ensure_public_leg(self.ndmz.netns, names.NDMZ_BRIDGE, leg.ndmz_port,
+                                               desired.netns, leg.ifname, leg.address,
+                                               nr_observed=await observation.fresh())
+        except FileNotFoundError:
+            return f"the node's ndmz {self.ndmz.netns} is not ready ({self.ndmz.problem or 'being built'})"
+        # When the default route moves to WireGuard (egress set), the WireGuard routes above
+        # took it over already; when it comes back, it is added here.
+        await self.links.ensure_routes(desired.netns, leg.ifname,
+                                       [DEFAULT_ROUTE] if leg.default_route else [],
+                                       observed=await observation.fresh(), via=leg.gateway)
+        if self.ndmz.problem is not None:
+            return f"the node's ndmz {self.ndmz.netns} is not working: {self.ndmz.problem}"
+        return None
 
     async def _apply_workloads(self, desired: DesiredNR, observed, keep: set[str]) -> dict[str, str]:
         """Attach every desired workload, detach every other veth of ours except those of the
@@ -329,7 +363,7 @@ class Reconciler:
                 observed = await self.links.observe(desired.netns, sysctls=False)
         for link in (observed.links.values() if observed else ()):
             if link.name not in wanted and names.owns_workload_veth(self.ctx.name_prefix, link.name):
-                await self.links.remove_workload(desired.netns, link.name)
+                await self.links.remove_veth(desired.netns, link.name)
         return problems
 
     async def _attach(self, desired: DesiredNR, a, observed, forbidden_cache: dict) -> tuple[str | None, int]:
@@ -360,8 +394,9 @@ class Reconciler:
             return str(e), 0
 
     def _node_namespaces(self) -> set[tuple[int, int]]:
-        """Identities of the agent's and the node host's namespaces and of our NRs."""
-        refs = [None, self.host_netns, *(names.nr_netns(self.ctx.name_prefix, n) for n in self.state.networks)]
+        """Identities of the agent's and the node host's namespaces, of the ndmz and of our NRs."""
+        refs = [None, self.host_netns, self.ndmz.netns,
+                *(names.nr_netns(self.ctx.name_prefix, n) for n in self.state.networks)]
         return {i for i in map(_identity_or_none, refs) if i is not None}
 
     # --- teardown --------------------------------------------------------------------------
@@ -458,10 +493,14 @@ class Reconciler:
 
     async def _publish_status(self, network: Network, conditions: list[tuple[str, str, str, str]],
                               generation: int | None = None,
-                              aggregator: AggregatorStatus | None = None) -> None:
+                              aggregator: AggregatorStatus | None = None,
+                              internet: tuple | None = None) -> None:
         """Merge `conditions` into the NR's status and write it if it changed (`aggregator`
-        None: the one published stays)."""
+        None: the one published stays; `internet`: (public address, internet_via), None: the
+        published ones stay)."""
         current = self._own_status(network.name)
+        if internet is None:
+            internet = (current.publicAddress, current.internetVia) if current else (None, None)
         merged = list(current.conditions) if current else []
         for ctype, status, reason, message in conditions:
             merged = set_condition(merged, Condition(type=ctype, status=status, reason=reason,
@@ -472,7 +511,8 @@ class Reconciler:
             aggregator = current.aggregator
         status = ResourceStatus(network=network.name, node=self.ctx.node_id,
                                 observedGeneration=generation, conditions=merged,
-                                aggregator=aggregator)
+                                aggregator=aggregator, publicAddress=internet[0],
+                                internetVia=internet[1])
         self.telemetry.published(network.name, generation, current.conditions if current else [], merged)
         await self._put_own(self.store.layout.nr_status(self.ctx.node_id, network.name),
                             status.model_dump_json().encode())

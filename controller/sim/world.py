@@ -5,9 +5,13 @@ Network namespaces stand in for hosts (design.md section 4):
     <id>-inet   "the Internet": bridge br0 holding 198.51.100.1/24 and 2001:db8:100::1/64 (the
                 public nodes' uplink LAN) and routing to 203.0.113.0/24, where the Internet host
                 lives.
-    <id>-ihost  an Internet host, 203.0.113.10, to test egress.
+    <id>-ihost  an Internet host, 203.0.113.10: answers ICMP, and an HTTP service on port 80
+                that answers and records the source address of every request
+                (controller.sim.internet_host; `World.http_get`, `World.internet_host_seen`).
     <id>-nK     public node K: uplink veth `up0` on br0 with 198.51.100.(10+K) and/or
-                2001:db8:100::(10+K); default routes via the Internet namespace.
+                2001:db8:100::(10+K); default routes via the Internet namespace. A dual-NIC
+                node has a second NIC `up1` on br0, left unconfigured in the node: its agent
+                moves it into the ndmz with 198.51.100.(110+K) (`--ndmz-nic`).
     <id>-rR     home router R: `wan0` on br0 with 198.51.100.(200+R), a LAN bridge `lan0` with
                 192.168.R.1/24, masquerading the LAN onto wan0; its forward policy drops
                 whatever the LAN did not ask for (like any NAT box), so nothing on the
@@ -68,6 +72,7 @@ table ip zmsim-nat {
   }
 }
 """
+NDMZ_NIC = "up1"  # a dual-NIC node's second NIC
 
 
 def new_world_id() -> str:
@@ -130,6 +135,9 @@ class SimNode:
     uplink_ifname: str = ""
     # Flags for this node's agent only (e.g. its own etcd credentials), after the world's.
     agent_args: list[str] = dataclasses.field(default_factory=list)
+    # Dual NIC: the NIC its agent moves into the ndmz and that NIC's address (None: single NIC).
+    ndmz_nic: str | None = None
+    ndmz_address: ipaddress.IPv4Interface | None = None
 
     @property
     def hidden(self) -> bool:
@@ -214,6 +222,8 @@ class World:
         self.resync_interval = resync_interval
         self.python = python or sys.executable
         self._namespaces: list[str] = []
+        self.internet_host_log = self.workdir / "internet-host.log"
+        self._internet_host: subprocess.Popen | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -256,11 +266,35 @@ class World:
         ])
         for key in ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"):
             netns_exec(self.inet, "sysctl", "-qw", key, check=True)
+        self._start_internet_host()
+
+    def _start_internet_host(self) -> None:
+        self.internet_host_log.touch()
+        self._internet_host = subprocess.Popen(
+            ["ip", "netns", "exec", self.ihost, self.python, "-m", "controller.sim.internet_host",
+             "serve", "--port", "80", "--log", str(self.internet_host_log)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+            text=True, start_new_session=True)
+        if self._internet_host.stdout.readline().strip() != "ready":  # listening now
+            raise RuntimeError("the Internet host's HTTP service did not start")
+
+    def internet_host_seen(self) -> list[str]:
+        """Source addresses of every HTTP request the Internet host answered, in order."""
+        return self.internet_host_log.read_text().split()
+
+    def http_get(self, netns: str, host: str = str(INTERNET_HOST), *, timeout: float = 3,
+                 source: str | None = None) -> str | None:
+        """GET http://HOST/ from inside `netns` (a fresh process there, optionally from the
+        address `source`): the answer ("seen ADDR" from the Internet host), or None."""
+        cmd = [self.python, "-m", "controller.sim.internet_host", "get", host, "--timeout", str(timeout)]
+        res = netns_exec(netns, *cmd, *(["--source", source] if source else []), timeout=timeout + 15)
+        return res.stdout if res.returncode == 0 else None
 
     def add_node(self, node_id: str, *, ipv4: bool = True, ipv6: bool = True,
-                 behind: str | None = None) -> SimNode:
+                 behind: str | None = None, dual_nic: bool = False) -> SimNode:
         """A public node on the Internet LAN (IPv4 and/or IPv6 endpoints), or with `behind` a
-        hidden node on the LAN of that home router (made with add_router; IPv4 only)."""
+        hidden node on the LAN of that home router (made with add_router; IPv4 only).
+        `dual_nic`: a public node with a second NIC on the LAN for its NRs' Internet traffic."""
         index = len(self.nodes) + 1
         netns = f"{self.id}-n{index}"
         if behind is not None:
@@ -287,6 +321,14 @@ class World:
             cmds += [f"addr add {node.ipv6}/{PUBLIC_V6.prefixlen} dev up0 nodad",
                      f"route add default via {PUBLIC_V6.network_address + 1}"]
         run_ip_batch(netns, cmds)
+        if dual_nic:
+            node.ndmz_nic = NDMZ_NIC
+            node.ndmz_address = ipaddress.IPv4Interface(
+                f"{PUBLIC_V4.network_address + 110 + index}/{PUBLIC_V4.prefixlen}")
+            run_ip_batch(self.inet, [
+                f"link add {self.id}q{index} type veth peer name {NDMZ_NIC} netns {netns}",
+                f"link set {self.id}q{index} master br0 up",
+            ])
         node.state_dir.mkdir(parents=True, exist_ok=True)
         self.nodes[node_id] = node
         return node
@@ -368,6 +410,9 @@ class World:
                "--metrics-addr", f"127.0.0.1:{node.metrics_port}"]
         for ep in node.endpoints:
             cmd += ["--public-endpoint", ep]
+        if node.ndmz_nic:
+            cmd += ["--ndmz-nic", node.ndmz_nic, "--ndmz-address", str(node.ndmz_address),
+                    "--ndmz-gateway", str(PUBLIC_V4.network_address + 1)]
         return cmd + self.agent_args + node.agent_args
 
     def start_agent(self, node_id: str) -> SimNode:
@@ -432,6 +477,11 @@ class World:
                 await purge_node_dataplane(node.state_dir, node.name_prefix)
             except Exception:
                 log.exception("purging dataplane of %s", node.node_id)
+        if self._internet_host is not None:
+            self._internet_host.kill()  # by the PID we started (ip netns exec execs python)
+            self._internet_host.wait()
+            self._internet_host.stdout.close()
+            self._internet_host = None
         for ns in reversed(self._namespaces):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self._namespaces.clear()

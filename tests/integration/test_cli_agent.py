@@ -1,10 +1,12 @@
 """`zmesh agent` as a user starts it: the flags reach the agent, which registers its node, and
 the rest of the CLI sees that node alive; also over TLS with etcd authentication on. No network
-is applied, so nothing is created."""
+is applied, so only the node's ndmz is created (in a namespace of the test's playing the node's
+host, never in this machine's own)."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -32,11 +34,13 @@ def zmesh(flags, *argv: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the agent needs root")
 def test_an_agent_started_by_the_cli_registers_its_node(etcd_flags, tmp_path):
+    host = f"tcl-host-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", host], check=True)
     log = open(tmp_path / "agent.log", "w")
     agent = subprocess.Popen(
         [ZMESH, "agent", "--node-id", "cli-n1", *etcd_flags, "--state-dir", str(tmp_path / "state"),
          "--name-prefix", "tcl1-", "--metrics-addr", "127.0.0.1:0", "--public-endpoint", "198.51.100.11",
-         "--listen-port-range", "52000-52009"],
+         "--listen-port-range", "52000-52009", "--host-netns", host],
         stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
@@ -58,4 +62,8 @@ def test_an_agent_started_by_the_cli_registers_its_node(etcd_flags, tmp_path):
             agent.kill()
             code = agent.wait()
         log.close()
+        purged = zmesh([], "purge", "--state-dir", str(tmp_path / "state"), "--name-prefix", "tcl1-")
+        subprocess.run(["ip", "netns", "del", host])
     assert code == 0, (tmp_path / "agent.log").read_text()
+    assert purged.returncode == 0 and "tcl1-zmndmz" in purged.stdout, purged
+    assert not [n for n in os.listdir("/var/run/netns") if n.startswith("tcl1-")]

@@ -87,12 +87,12 @@ async def test_workload_by_absolute_netns_path(world):
     assert await ping(wns, wl.address.ip, count=1)
 
 
-async def test_remove_workload_removes_only_its_veth(world):
+async def test_remove_veth_removes_only_that_veth(world):
     ns = await nr(world)
     w1 = await world.workload(_Node(ns), "1", 5)
     w2 = await world.workload(_Node(ns), "2", 6)
     before = await world.links.observe(ns)
-    assert await world.links.remove_workload(ns, w1.host_ifname)
+    assert await world.links.remove_veth(ns, w1.host_ifname)
     after = await world.links.observe(ns)
     assert set(before.links) - set(after.links) == {w1.host_ifname}
     assert {k: v.index for k, v in after.links.items()} == {
@@ -101,7 +101,7 @@ async def test_remove_workload_removes_only_its_veth(world):
     assert (await world.links.observe_workload(w1.netns)).link("eth0") is None
     assert netns_exists(w1.netns)  # the workload's namespace is not ours to delete
     assert await ping(w2.netns, GW.ip, count=1)
-    assert not await world.links.remove_workload(ns, w1.host_ifname)  # idempotent
+    assert not await world.links.remove_veth(ns, w1.host_ifname)  # idempotent
 
 
 async def test_routes_are_exactly_the_wanted_set(world):
@@ -173,7 +173,7 @@ async def test_links_on_missing_namespace(world):
     links = Links()
     try:
         assert await links.observe(world.name("none")) is None
-        assert not await links.remove_workload(world.name("none"), "x")
+        assert not await links.remove_veth(world.name("none"), "x")
         with pytest.raises(FileNotFoundError):
             await links.ensure_link(await nr(world), "nosuchlink", 1420)
     finally:
