@@ -268,6 +268,7 @@ def describe_network(view: NetworkView, nodes: dict[str, NodeView], workloads: l
         if verdicts is not None and verdicts.verdicts:
             lines.append("    probe verdicts: " + ", ".join(
                 f"{v.node} {v.state} since {v.since.isoformat()}" for v in verdicts.verdicts))
+        lines.append("    " + internet_text(st))
         lines += _conditions_lines(st.conditions, "    ")
     lines.append("Workloads:")
     if not workloads:
@@ -307,6 +308,12 @@ def events_lines(events: Sequence[NodeEvent]) -> list[str]:
             for e in events]
     return ["Events:"] + ["  " + line for line in table(
         ["LAST SEEN", "NODE", "TYPE", "REASON", "COUNT", "MESSAGE"], rows).splitlines()]
+def internet_text(st: ResourceStatus) -> str:
+    """Where an NR's Internet traffic leaves, as its agent reports it."""
+    leg = f"public address {st.publicAddress}" if st.publicAddress else "no public address yet"
+    if st.internetVia:
+        return f"{leg}; Internet through the egress NR, via node {st.internetVia}"
+    return f"{leg}; Internet through this node's ndmz"
 
 
 def describe_workload(view: WorkloadView) -> str:

@@ -3,12 +3,12 @@
 A private etcd (or a unique prefix on the etcd given with --etcd), a simulated world of public
 nodes in network namespaces (controller.sim.world), one real `zmesh agent` per node, a sample
 network applied through the store code the CLI uses, the workload-to-workload connectivity matrix
-and proof that the traffic crossed WireGuard. Everything is removed at the end, also on Ctrl-C
-and SIGTERM.
+with each workload's Internet access beside it (and the source address the Internet host saw),
+proof that the traffic crossed WireGuard, an egress NR taking every workload's Internet traffic,
+and the aggregator's failover. Everything is removed at the end, also on Ctrl-C and SIGTERM.
 
 The demo is a list of steps (`Demo.steps`); each is an async method that returns the line to
-print when it is done. Later scenarios (hidden nodes, an aggregator move, Internet access) are
-new steps appended there.
+print when it is done; a new scenario is a new step there.
 
 Interruption is cooperative: the signal handlers only set an event, and every wait checks it
 (`Demo.sleep`, `Demo.check`). Nothing is cancelled half-way, so a namespace being created in a
@@ -37,7 +37,7 @@ from controller.models.manifest import ManifestError, parse_object, split_docume
 from controller.models.resources import Network, Workload
 from controller.planner import names
 from controller.sim.etcd import EmbeddedEtcd, EtcdStartError
-from controller.sim.world import World, metric_total, owns_name, scrape_metrics
+from controller.sim.world import INTERNET_HOST, World, metric_total, owns_name, scrape_metrics
 from controller.store.client import EtcdStore
 
 NETWORK = "demo"
@@ -54,6 +54,8 @@ CONVERGE_TIMEOUT = 25.0  # seconds from apply until every pair must answer
 FAILOVER_TIMEOUT = 30.0  # seconds from killing the aggregator until the hidden node must recover
 AGENT_START_TIMEOUT = 15.0
 RESYNC_INTERVAL = 2.0  # the agents refresh their WireGuard byte counters on every resync
+# The node a step makes the network's sole Internet exit (not the aggregator killed at the end).
+EGRESS = "n2"
 
 EXIT_OK, EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 130, 143
 
@@ -159,6 +161,15 @@ class Probe:
     rtt_ms: float | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Internet:
+    """A workload's Internet access: its ping to the Internet host, and the source address the
+    host saw for its HTTP request (None: no answer)."""
+
+    ping: Probe
+    seen: str | None
+
+
 _RTT = re.compile(r"= [\d.]+/([\d.]+)/")
 
 
@@ -209,6 +220,7 @@ class Demo:
         self.workload_ip: dict[str, str] = {}
         self.public_keys: dict[str, str] = {}  # base64 key -> node
         self.matrix: dict[tuple[str, str], Probe] = {}
+        self.internet: dict[str, Internet] = {}
         self.report: list[str] = []  # lines a step shows below its own line
         self.kept = False
 
@@ -241,8 +253,9 @@ class Demo:
             ("Starting one agent per node", self.start_agents),
             (f"Applying network {NETWORK!r} with one workload per node", self.apply_network),
             ("Waiting for the mesh to converge", self.converge),
-            ("Measuring workload-to-workload connectivity", self.measure_matrix),
+            ("Measuring workload-to-workload connectivity and Internet access", self.measure_matrix),
             ("Reading WireGuard counters", self.wireguard_report),
+            (f"Making {EGRESS} the network's egress: every workload leaves through it", self.egress),
             (f"Killing the aggregator {AGGREGATORS[0]} (agent SIGKILLed, uplink pulled)", self.kill_aggregator),
         ]
 
@@ -255,9 +268,10 @@ class Demo:
         self.p.line(f"  nodes: {nodes}, {hidden}, one `zmesh agent` process each; "
                     f"workloads: {', '.join(f'{w} on {n}' for w, n in WORKLOADS)}")
         self.p.line(f"  shown: every workload pinging every other across the mesh (the hidden node "
-                    f"through the aggregator, {' then '.join(AGGREGATORS)}), the WireGuard traffic per "
-                    "node, the aggregator killed and the hidden node failing over; then everything is "
-                    "removed (also on Ctrl-C)")
+                    f"through the aggregator, {' then '.join(AGGREGATORS)}) and reaching the Internet "
+                    f"host {INTERNET_HOST} through its node's ndmz, the WireGuard traffic per node, "
+                    f"{EGRESS} as the network's egress, the aggregator killed and the hidden node "
+                    "failing over; then everything is removed (also on Ctrl-C)")
         self.p.line()
         failure: str | None = None
         started = time.monotonic()
@@ -357,13 +371,15 @@ class Demo:
         pids = ", ".join(f"{n.node_id} pid {n.agent.pid}" for n in w.nodes.values())
         return f"{len(w.nodes)} agents running and ready ({pids})"
 
+    def network_manifest(self, egress: str | None = None) -> str:
+        return (f"apiVersion: zmesh.io/v1\nkind: Network\nmetadata: {{name: {NETWORK}}}\nspec:\n"
+                f"  ipRange: {IP_RANGE}\n  aggregators: [{', '.join(AGGREGATORS)}]\n"
+                + (f"  egress: {egress}\n" if egress else "") + "  resources:\n"
+                + "".join(f"  - {{node: {n.node_id}, subnet: 10.10.{n.index}.0/24}}\n"
+                          for n in self.world.nodes.values()))
+
     def manifests(self) -> str:
-        docs = [
-            f"apiVersion: zmesh.io/v1\nkind: Network\nmetadata: {{name: {NETWORK}}}\nspec:\n"
-            f"  ipRange: {IP_RANGE}\n  aggregators: [{', '.join(AGGREGATORS)}]\n  resources:\n"
-            + "".join(f"  - {{node: {n.node_id}, subnet: 10.10.{n.index}.0/24}}\n"
-                      for n in self.world.nodes.values())
-        ]
+        docs = [self.network_manifest()]
         for workload, node_id in WORKLOADS:
             docs.append(f"apiVersion: zmesh.io/v1\nkind: Workload\nmetadata: {{name: {workload}}}\n"
                         f"spec: {{network: {NETWORK}, node: {node_id}, netns: {self.workload_ns[workload]}, "
@@ -431,6 +447,7 @@ class Demo:
 
     async def measure_matrix(self) -> str:
         self.matrix = await self.probe_all(count=3)
+        self.internet = await self.probe_internet()
         self.check()
         names_ = [w for w, _ in WORKLOADS]
         rows = []
@@ -440,18 +457,80 @@ class Demo:
                 if a == b:
                     row.append(self.p.dash)
                     continue
-                probe = self.matrix[(a, b)]
-                rtt = f" {probe.rtt_ms:.2f} ms" if probe.ok and probe.rtt_ms is not None else ""
-                row.append(f"{self.p.ok if probe.ok else self.p.bad}{rtt}")
-            rows.append(row)
+                row.append(self.cell(self.matrix[(a, b)]))
+            rows.append(row + [self.internet_cell(a)])
         self.report.append("  Connectivity matrix: ping (3 packets) from the row's workload to the column's;")
-        self.report.append("  average round-trip time through the WireGuard mesh.")
-        self.report += table(["from \\ to", *names_], rows)
+        self.report.append("  average round-trip time through the WireGuard mesh. Internet: ping and an HTTP")
+        self.report.append(f"  request to the Internet host {INTERNET_HOST}, and the source address it saw.")
+        self.report += table(["from \\ to", *names_, f"Internet ({INTERNET_HOST})"], rows)
         failed = [f"{a}->{b}" for (a, b), p in self.matrix.items() if not p.ok]
         if failed:
             raise DemoFailed(f"{len(failed)} of {len(self.matrix)} workload pairs cannot reach each other "
                              f"({', '.join(failed)})")
-        return f"All {len(self.matrix)} workload pairs reach each other"
+        wrong = [w for w, node in WORKLOADS if self.internet[w].seen != self.own_exit(node)]
+        if wrong:
+            raise DemoFailed("unexpected Internet access for " + ", ".join(
+                f"{w} (seen as {self.internet[w].seen or 'nothing'}, expected "
+                f"{self.own_exit(dict(WORKLOADS)[w]) or 'no access'})" for w in wrong))
+        online = sum(1 for w, _ in WORKLOADS if self.internet[w].seen)
+        return (f"All {len(self.matrix)} workload pairs reach each other; {online} of {len(WORKLOADS)} "
+                "workloads reach the Internet as their node (an IPv6-only node has no IPv4 uplink)")
+
+    def cell(self, probe: Probe) -> str:
+        rtt = f" {probe.rtt_ms:.2f} ms" if probe.ok and probe.rtt_ms is not None else ""
+        return f"{self.p.ok if probe.ok else self.p.bad}{rtt}"
+
+    def internet_cell(self, workload: str) -> str:
+        got = self.internet[workload]
+        if got.seen:
+            return f"{self.cell(got.ping)}, HTTP seen as {got.seen}"
+        node = self.world.nodes[dict(WORKLOADS)[workload]]
+        why = "" if node.ipv4 else f" ({node.node_id} has no IPv4 uplink)"
+        return f"{self.cell(got.ping)}{why}"
+
+    def own_exit(self, node_id: str) -> str | None:
+        """The address the Internet host should see for a workload of `node_id` leaving through
+        its own node's ndmz: the node's, its home router's for a hidden node (None: the node
+        has no IPv4 uplink, so no IPv4 Internet)."""
+        node = self.world.nodes[node_id]
+        address = node.router.wan if node.hidden else node.ipv4
+        return str(address) if address else None
+
+    async def probe_internet(self) -> dict[str, "Internet"]:
+        async def one(workload: str) -> Internet:
+            netns = self.workload_ns[workload]
+            probe, answer = await asyncio.gather(ping(netns, str(INTERNET_HOST), 3),
+                                                 asyncio.to_thread(self.world.http_get, netns, timeout=2))
+            return Internet(probe, answer.split()[1] if answer else None)
+        found = await asyncio.gather(*(one(w) for w, _ in WORKLOADS))
+        return dict(zip((w for w, _ in WORKLOADS), found))
+
+    async def egress(self) -> str:
+        """Re-apply the network with an egress NR: every workload's Internet traffic crosses the
+        mesh to it (the hidden node's through the aggregator, and the IPv6-only node's, which
+        had none) and leaves as that node."""
+        network = parse_object(split_documents(self.network_manifest(EGRESS), "demo manifest")[0].data,
+                               "demo manifest", ("Network",))
+        await self.store.apply(network)
+        exit_address = self.own_exit(EGRESS)
+        start = time.monotonic()
+        deadline = start + CONVERGE_TIMEOUT
+        while True:
+            self.internet = await self.probe_internet()
+            done = [w for w, _ in WORKLOADS if self.internet[w].seen == exit_address]
+            self.p.detail = f"{len(done)}/{len(WORKLOADS)} workloads seen as {exit_address}"
+            if len(done) == len(WORKLOADS) or time.monotonic() > deadline:
+                break
+            await self.sleep(0.3)
+        rows = [[f"{w} on {node}", self.internet_cell(w)] for w, node in WORKLOADS]
+        self.report.append(f"  Internet access with egress {EGRESS}: ping and HTTP to {INTERNET_HOST}, "
+                           "source address seen there.")
+        self.report += table(["workload", f"Internet ({INTERNET_HOST})"], rows)
+        if len(done) != len(WORKLOADS):
+            raise DemoFailed(f"not every workload leaves through {EGRESS} after {CONVERGE_TIMEOUT:.0f} s "
+                             f"({self.p.detail})")
+        return (f"Every workload reaches the Internet as {EGRESS} ({exit_address}) "
+                f"{time.monotonic() - start:.1f} s after the change")
 
     async def wireguard_report(self) -> str:
         """Per-peer facts straight from each node's WireGuard device (the endpoint shows the

@@ -213,13 +213,23 @@ def test_demo_passes_shows_matrix_and_leaves_nothing(demo_run):
     # The matrix: a header naming every workload, then one row per workload with ✓ for the
     # two others and a dash for itself.
     header = next(line for line in run.lines if "from \\ to" in line)
-    assert header.split()[3:] == list(WORKLOADS)
+    assert header.split()[3:] == [*WORKLOADS, "Internet", "(203.0.113.10)"]
     for i, w in enumerate(WORKLOADS):
         row = next(line for line in run.lines if line.strip().startswith(f"{w} (10.10."))
         cells = re.findall(r"✓ [\d.]+ ms|✗|—", row)
-        assert len(cells) == 4 and cells[i] == "—", row
-        assert all(c.startswith("✓") for j, c in enumerate(cells) if j != i), row
-    assert "All 12 workload pairs reach each other" in out
+        assert len(cells) == 5 and cells[i] == "—", row
+        assert all(c.startswith("✓") for j, c in enumerate(cells[:4]) if j != i), row
+    # Beside the matrix, each workload's Internet access as the Internet host saw it: as its
+    # node (the hidden one as its home router), except on the IPv6-only n3: no IPv4 uplink.
+    for w, ip, seen in (("web-1", "10.10.1.10", "198.51.100.11"), ("web-2", "10.10.2.10", "198.51.100.12"),
+                        ("app-4", "10.10.4.10", "198.51.100.201")):
+        assert re.search(rf"{w} \({re.escape(ip)}\).*✓ [\d.]+ ms, HTTP seen as {re.escape(seen)}$", out, re.M), w
+    assert re.search(r"db-3 \(10\.10\.3\.10\).*✗ \(n3 has no IPv4 uplink\)$", out, re.M)
+    assert "All 12 workload pairs reach each other; 3 of 4 workloads reach the Internet" in out
+    # With n2 as egress every workload, db-3 and the hidden app-4 included, leaves as n2.
+    for w, node in zip(WORKLOADS, ("n1", "n2", "n3", "h4")):
+        assert re.search(rf"^\s+{w} on {node}\s+✓ [\d.]+ ms, HTTP seen as 198\.51\.100\.12$", out, re.M), w
+    assert "Every workload reaches the Internet as n2 (198.51.100.12)" in out
     # The hidden node's only tunnel goes to the aggregator n1, which learned its router's address.
     assert [l.split()[2] for l in run.lines if re.match(r"^\s+h4\s+\S+-zw\S+\s", l)] == ["n1"], out
     assert re.search(r"^\s+n1\s+\S+\s+h4\s+198\.51\.100\.201:\d+", out, re.M), out

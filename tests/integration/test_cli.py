@@ -193,10 +193,10 @@ def test_get_yaml_output_can_be_applied_again(cli, tmp_path):
 # --- status from the agents -------------------------------------------------------------------
 
 
-def nr_status(node, generation, ready="True", network_name="blue") -> str:
+def nr_status(node, generation, ready="True", network_name="blue", **internet) -> str:
     return json.dumps({
         "apiVersion": "zmesh.io/v1", "kind": "NetworkResourceStatus", "network": network_name, "node": node,
-        "observedGeneration": generation,
+        "observedGeneration": generation, **internet,
         "conditions": [{"type": "Ready", "status": ready, "reason": "Converged" if ready == "True" else "PeerMissing",
                         "message": "" if ready == "True" else "no peer for n3 yet",
                         "lastTransitionTime": "2026-01-01T00:00:00Z"}],
@@ -206,8 +206,9 @@ def nr_status(node, generation, ready="True", network_name="blue") -> str:
 def test_describe_and_status_show_what_the_agents_report(cli, tmp_path):
     cli.ok("apply", "-f", manifest_file(tmp_path, network(), workload(ip="10.1.1.10")))
     gen = cli.json("get", "networks", "blue")["metadata"]["generation"]
-    cli.put("/zmesh/v1/nodes/n1/status/networks/blue", nr_status("n1", gen))
-    cli.put("/zmesh/v1/nodes/n2/status/networks/blue", nr_status("n2", gen, ready="False"))
+    cli.put("/zmesh/v1/nodes/n1/status/networks/blue", nr_status("n1", gen, publicAddress="100.64.0.2"))
+    cli.put("/zmesh/v1/nodes/n2/status/networks/blue", nr_status("n2", gen, ready="False",
+                                                                publicAddress="100.64.0.3", internetVia="n1"))
     cli.put("/zmesh/v1/nodes/n3/status/networks/blue", "garbage: [")
     cli.put("/zmesh/v1/nodes/n1/status/workloads/web", json.dumps({
         "apiVersion": "zmesh.io/v1", "kind": "WorkloadStatus", "workload": "web", "node": "n1",
@@ -229,6 +230,8 @@ def test_describe_and_status_show_what_the_agents_report(cli, tmp_path):
                                      "  web    n1     10.1.1.10   False   AttachFailed",
                                      "Events:       <none>"]  # no agent ran to record any
     assert "listen port 51820; endpoints 198.51.100.12; public key " + "A" * 43 + "=" in out
+    assert "public address 100.64.0.2; Internet through this node's ndmz" in out
+    assert "public address 100.64.0.3; Internet through the egress NR, via node n1" in out
     row = cli.ok("get", "networks").splitlines()[1]
     assert row.split()[3] == "1/3" and row.endswith("PeerMissing (n2); StatusUnreadable (n3)")
     status = cli.json("status")
