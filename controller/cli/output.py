@@ -308,6 +308,8 @@ def events_lines(events: Sequence[NodeEvent]) -> list[str]:
             for e in events]
     return ["Events:"] + ["  " + line for line in table(
         ["LAST SEEN", "NODE", "TYPE", "REASON", "COUNT", "MESSAGE"], rows).splitlines()]
+
+
 def internet_text(st: ResourceStatus) -> str:
     """Where an NR's Internet traffic leaves, as its agent reports it."""
     leg = f"public address {st.publicAddress}" if st.publicAddress else "no public address yet"

@@ -192,3 +192,16 @@ def test_names_of_the_ndmz_parts():
     assert names.ndmz_port("blue") == names.ndmz_port("blue") != names.ndmz_port("red")
     assert len(names.ndmz_port("blue")) == 15 and names.ndmz_port("blue").startswith("zp")
     assert names.host_nft_table("") == "zmesh" and names.host_nft_table("1-") == "zmesh-1"
+
+
+def test_the_rulesets_shown_in_the_docs_are_what_the_code_builds():
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).parents[2] / "docs" / "dataplane.md").read_text()
+    shown = re.findall(r"```nft\n(.*?)```", doc, re.S)
+    node = NodeContext("n1", "n1-", (ip_address("198.51.100.11"),))
+    dual = UplinkConfig("eth1", IPv4Interface("198.51.100.111/24"), IPv4Address("198.51.100.1"))
+    single = plan_ndmz(node, UplinkConfig())
+    assert shown == [nr_ruleset(IPv4Network("10.1.1.0/24")).text(), single.ruleset.text(),
+                     single.host_ruleset.text(), plan_ndmz(node, dual).ruleset.text()]
