@@ -31,12 +31,12 @@ def seen_from(mesh, workload: str) -> str | None:
     return answer.split()[1] if answer else None
 
 
-def build(mesh, *, network="blue", egress=None, nodes=("n1", "n2")) -> dict[str, str]:
-    manifest = network_manifest(network, {n: SUBNETS[n] for n in nodes},
-                                **({"egress": egress} if egress else {}))
-    wls = {w: ip for w, ip in IPS.items() if NODE_OF[w] in nodes}
+def build(mesh) -> dict[str, str]:
+    """Network blue on n1 and n2 with workloads w1, w2, converged; returns {workload: ip}."""
+    wls = {w: IPS[w] for w in ("w1", "w2")}
+    manifest = network_manifest("blue", {n: SUBNETS[n] for n in ("n1", "n2")})
     for w in wls:
-        manifest += workload_manifest(w, network, NODE_OF[w], mesh.add_workload_ns(w), wls[w])
+        manifest += workload_manifest(w, "blue", NODE_OF[w], mesh.add_workload_ns(w), wls[w])
     mesh.apply(manifest)
     mesh.wait_mesh(wls)
     return wls
