@@ -1,5 +1,8 @@
 """Hidden nodes behind home routers (NAT), end to end: a real etcd, one agent per node, real
-wireguard-go, routers that masquerade and drop unsolicited inbound traffic."""
+wireguard-go, routers that masquerade and drop unsolicited inbound traffic. Connectivity through
+the aggregator, re-pointing by hand, automatic failover (a dead, a blackholed and a flapping
+aggregator), hostile verdicts, and the Internet from behind NAT (own ndmz, or the egress NR over
+the aggregator)."""
 
 from __future__ import annotations
 
@@ -323,3 +326,39 @@ async def test_hostile_verdicts_are_reported_and_one_liar_cannot_move_the_aggreg
     for n in ("n1", "n3", "h1"):
         assert mesh.ready(n) and "Traceback" not in mesh.world.agent_log(n)
     mesh.etcdctl("lease", "revoke", lease)
+
+
+# --- the Internet from behind NAT -------------------------------------------------------------------
+
+async def test_hidden_workloads_reach_the_internet_through_their_ndmz_or_the_egress_over_the_aggregator(mesh):
+    mesh.start("n1", "n2")
+    mesh.start_hidden("r1", "h1")
+    nodes = ("n1", "n2", "h1")
+    workloads = "".join(workload_manifest(f"w-{n}", "blue", n, mesh.add_workload_ns(f"w-{n}"), ip_of(n))
+                        for n in nodes)
+    subnets = {n: SUBNETS[n] for n in nodes}
+    mesh.apply(network_manifest("blue", subnets, aggregators=["n1"]) + workloads)
+    mesh.wait_mesh({f"w-{n}": ip_of(n) for n in nodes}, timeout=40)
+    router = str(mesh.world.routers["r1"].wan)
+
+    def seen_from_hidden():
+        answer = mesh.world.http_get(mesh.workload_ns("w-h1"))
+        return answer.split()[1] if answer else None
+
+    # Without an egress NR: out through h1's own ndmz, then its home router's NAT.
+    wait_until(lambda: seen_from_hidden() == router, 20, what="w-h1 out as its router")
+
+    # With egress n2: out through the aggregator n1 to n2, and from there as n2.
+    mesh.apply(network_manifest("blue", subnets, aggregators=["n1"], egress="n2"))
+    n2 = str(mesh.world.nodes["n2"].ipv4)
+    wait_until(lambda: seen_from_hidden() == n2, 20, what="w-h1 out as the egress node n2")
+    (peer,) = (await peers_by_node(mesh, "h1")).values()
+    assert {str(a) for a in peer.allowed_ips} == {"0.0.0.0/0", "10.1.0.0/16"}
+    before = await peers_by_node(mesh, "n1")
+    assert seen_from_hidden() == n2
+    after = await peers_by_node(mesh, "n1")
+    for relayed in ("h1", "n2"):  # the request crossed the aggregator's tunnels to both
+        assert after[relayed].rx_bytes > before[relayed].rx_bytes
+        assert after[relayed].tx_bytes > before[relayed].tx_bytes
+    assert mesh.world.internet_host_seen().count(router) >= 1 and not any(
+        a.startswith(("10.", "100.64.", "192.168.")) for a in mesh.world.internet_host_seen())
