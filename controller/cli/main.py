@@ -83,13 +83,42 @@ class Parser(argparse.ArgumentParser):
     abbreviations: `--etcd-password SECRET` must be an unknown flag, never an abbreviation of
     --etcd-password-file (whose error would echo the "path")."""
 
+    # Values that followed a password-looking flag on this command line: an error message must
+    # never repeat them (argparse echoes unknown arguments and invalid choices verbatim).
+    _secrets: tuple[str, ...] = ()
+
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
+    def parse_known_args(self, args=None, namespace=None):
+        if namespace is None:  # the top-level call, not a subparser's
+            Parser._secrets = _password_values(sys.argv[1:] if args is None else list(args))
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str):
         root = self.prog.split()[0]
-        self.exit(EXIT_USAGE, f"{root}: {message} (see '{self.prog} --help')\n")
+        hint = f"see '{self.prog} --help'"
+        if Parser._secrets:
+            for secret in sorted(Parser._secrets, key=len, reverse=True):
+                message = message.replace(secret, "***")
+            hint = "a password is only ever read from a file: --etcd-password-file"
+        self.exit(EXIT_USAGE, f"{root}: {message} ({hint})\n")
+
+
+def _password_values(argv: Sequence[str]) -> tuple[str, ...]:
+    """What was typed as a password: `--x-password VALUE` or `--x-password=VALUE` (a *-file flag
+    names a path, not a secret)."""
+    found = []
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if not flag.startswith("--") or "password" not in flag or flag.endswith("-file"):
+            continue
+        if eq:
+            found.append(value)
+        elif i + 1 < len(argv):
+            found.append(argv[i + 1])
+    return tuple(v for v in found if v)
 
 
 def package_version() -> str:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from controller.dataplane import accounting
 from controller.dataplane.accounting import count, counting
 from controller.dataplane.links import DEFAULT_ROUTE, Links, Observation, VethAttachment
 from controller.dataplane.netns import NotANetns, netns_exists, netns_identity, pinned_netns

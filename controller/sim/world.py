@@ -34,7 +34,6 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
-import os
 import re
 import secrets
 import shutil

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import AsyncIterator, Awaitable, Callable, Literal, NamedTuple, TypeVar
-from urllib.parse import urlsplit
 
 import aetcd.utils
 import grpc

@@ -249,6 +249,23 @@ def test_etcd_credentials_go_together_and_no_flag_is_abbreviated():
         parse("get", "nodes", "--etcd-password", "secret")  # not --etcd-password-file
 
 
+@pytest.mark.parametrize("argv", [
+    ("--etcd-password", "hunter2-secret", "get", "networks"),   # argparse: an invalid COMMAND
+    ("get", "networks", "--etcd-password", "hunter2-secret"),   # argparse: unrecognized arguments
+    ("get", "networks", "--etcd-password=hunter2-secret"),
+    ("agent", "--node-id", "n1", "--password", "hunter2-secret"),
+])
+def test_a_password_typed_on_the_command_line_is_never_echoed(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(list(argv))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("zmesh: ") and len(err.splitlines()) == 1
+    assert "hunter2" not in err and "--etcd-password-file" in err
+    with pytest.raises(SystemExit):
+        agent_main(["--etcd-password", "hunter2-secret"])
+    assert "hunter2" not in capsys.readouterr().err
+
+
 def test_ipv6_metrics_address():
     cfg = agent_config(agent_args("--node-id", "n1", "--metrics-addr", "[::1]:9100"))
     assert (cfg.metrics_host, cfg.metrics_port, cfg.metrics_addr) == ("::1", 9100, "[::1]:9100")
