@@ -275,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "root's password; with auth already on it logs in as root.")
     ai.add_argument("--root-password-file", required=True, metavar="FILE", help="root's new password (first line)")
     an = add_auth("add-node", "Create (or update) user zmesh-node-NODE: reads everything of Zero-Mesh, "
-                              "writes only its own node's keys. Needs root (--etcd-user root).")
+                              "writes only its own node's keys. Needs root (--etcd-user root). Under a "
+                              "--prefix other than /zmesh/, user and role names end in @PREFIX.")
     an.add_argument("node", metavar="NODE", help="the node's id, as its agent's --node-id")
     an.add_argument("--password-file", required=True, metavar="FILE", help="the user's password (first line)")
     au = add_auth("add-user", "Create (or update) a user with a role (default zmesh-admin). Needs root.")

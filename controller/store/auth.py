@@ -8,6 +8,10 @@
 - `root` with etcd's `root` role, needed by etcd to switch authentication on; used for these
   commands only.
 
+Users and roles are cluster-wide in etcd while a prefix is not: under any prefix but the default
+`/zmesh/` the names carry it (`zmesh-admin@/team-a/`, `zmesh-node-n1@/team-a/`; node names
+cannot contain `@`), so node n1 of one Zero-Mesh on a shared etcd never gains a write on another's.
+
 Every operation is idempotent: running a command again sets the given password and adds any
 missing permission; nothing else is changed or removed. Leases need no permission of their own in etcd 3.4: granting
 and keeping one alive is open to every authenticated user, and attaching a key to it (a put with
@@ -21,15 +25,26 @@ from dataclasses import dataclass
 from aetcd import rpc
 
 from .client import EtcdStore, StoreError, prefix_end
+from .layout import Layout
 
 ADMIN_ROLE = "zmesh-admin"
 NODE_ROLE_PREFIX = "zmesh-node-"
 ROOT = "root"
+DEFAULT_PREFIX = "/zmesh/"
 
 
-def node_user(node: str) -> str:
-    """The etcd user (and role) of node `node`."""
-    return f"{NODE_ROLE_PREFIX}{node}"
+def _scoped(name: str, layout: Layout) -> str:
+    return name if layout.prefix == DEFAULT_PREFIX else f"{name}@{layout.prefix}"
+
+
+def admin_role(layout: Layout) -> str:
+    """The admin role of the Zero-Mesh under `layout`'s prefix."""
+    return _scoped(ADMIN_ROLE, layout)
+
+
+def node_user(node: str, layout: Layout) -> str:
+    """The etcd user (and role) of node `node` of the Zero-Mesh under `layout`'s prefix."""
+    return _scoped(f"{NODE_ROLE_PREFIX}{node}", layout)
 
 
 @dataclass(frozen=True)
@@ -80,7 +95,7 @@ async def ensure_user(store: EtcdStore, name: str, password: str) -> str:
 
 async def ensure_role(store: EtcdStore, role: str, grants: list[Grant]) -> None:
     """The role exists and holds `grants` (other permissions it has are left alone: an operator
-    may have added some, and roles are shared by every prefix on the cluster)."""
+    may have added some)."""
     await _tolerating(store.auth_rpc("RoleAdd", rpc.AuthRoleAddRequest(name=role), f"add role {role}"),
                       "role name already exists")
     current = await store.auth_rpc("RoleGet", rpc.AuthRoleGetRequest(role=role), f"read role {role}")
@@ -103,8 +118,9 @@ async def init(store: EtcdStore, root_password: str) -> list[str]:
     it is on. Returns what was done, one line each."""
     done = [f"user {ROOT} {await ensure_user(store, ROOT, root_password)}"]
     await grant_role(store, ROOT, ROOT)
-    await ensure_role(store, ADMIN_ROLE, admin_grants(store))
-    done.append(f"role {ADMIN_ROLE}: read and write {store.layout.root}")
+    admin = admin_role(store.layout)
+    await ensure_role(store, admin, admin_grants(store))
+    done.append(f"role {admin}: read and write {store.layout.root}")
     await _tolerating(store.auth_rpc("AuthEnable", rpc.AuthEnableRequest(), "enable authentication"),
                       "already enabled")
     done.append("authentication enabled")
@@ -112,7 +128,7 @@ async def init(store: EtcdStore, root_password: str) -> list[str]:
 
 
 async def add_node(store: EtcdStore, node: str, password: str) -> list[str]:
-    user = node_user(node)
+    user = node_user(node, store.layout)
     done = [f"user {user} {await ensure_user(store, user, password)}"]
     await ensure_role(store, user, node_grants(store, node))
     await grant_role(store, user, user)
@@ -121,9 +137,11 @@ async def add_node(store: EtcdStore, node: str, password: str) -> list[str]:
 
 
 async def add_user(store: EtcdStore, name: str, password: str, role: str = ADMIN_ROLE) -> list[str]:
+    """`role` ADMIN_ROLE means this prefix's admin role (created if missing)."""
     done = [f"user {name} {await ensure_user(store, name, password)}"]
     if role == ADMIN_ROLE:
-        await ensure_role(store, ADMIN_ROLE, admin_grants(store))
+        role = admin_role(store.layout)
+        await ensure_role(store, role, admin_grants(store))
     await grant_role(store, name, role)
     done.append(f"role {role} granted to {name}")
     return done

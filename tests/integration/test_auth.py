@@ -146,3 +146,33 @@ def test_auth_commands_are_idempotent_and_need_root(roles, tmp_path):
     as_alice = [*base, "--etcd-user", "alice", "--etcd-password-file", str(files["alice"])]
     res = zmesh(*as_alice, "get", "nodes", "-o", "json")
     assert res.returncode == 0 and json.loads(res.stdout)["items"] == [], res.stderr
+
+
+async def test_two_prefixes_on_one_etcd_have_their_own_roles_and_cannot_write_each_other(roles, tmp_path):
+    """Users and roles are cluster-wide in etcd: node n1 of the Zero-Mesh under /team-b/ is
+    another user than n1 under /zmesh/, and neither gains a write on the other's keys."""
+    team_b = Layout("/team-b/")
+    as_root = [*roles["base"], "--prefix", "/team-b/", "--etcd-user", "root",
+               "--etcd-password-file", str(roles["files"]["root"])]
+    pw = tmp_path / "b-n1.pw"
+    pw.write_text("pw-of-team-b-n1-0123456789\n")
+    res = zmesh(*as_root, "auth", "init", "--root-password-file", str(roles["files"]["root"]))
+    assert res.returncode == 0 and "role zmesh-admin@/team-b/: read and write /team-b/v1/" in res.stdout, res.stderr
+    res = zmesh(*as_root, "auth", "add-node", "n1", "--password-file", str(pw))
+    assert res.returncode == 0 and "user zmesh-node-n1@/team-b/ created" in res.stdout, res.stderr
+    res = zmesh(*as_root, "auth", "add-user", "bert", "--password-file", str(pw))
+    assert res.returncode == 0 and "role zmesh-admin@/team-b/ granted to bert" in res.stdout, res.stderr
+    b_n1 = EtcdAccess(roles["n1"].endpoints, cacert=roles["n1"].cacert, user="zmesh-node-n1@/team-b/",
+                      password_file=str(pw))
+    async with b_n1.open_store(timeout=3) as store:
+        await store.put(team_b.facts("n1", "blue"), "{}")  # its own
+        with pytest.raises(PermissionDenied):
+            await store.put(LAY.facts("n1", "blue"), "{}")  # the other Zero-Mesh's n1
+    async with roles["n1"].open_store(timeout=3) as store:
+        await store.put(LAY.facts("n1", "blue"), "{}")
+        with pytest.raises(PermissionDenied):
+            await store.put(team_b.facts("n1", "blue"), "{}")
+    bert = EtcdAccess(roles["n1"].endpoints, cacert=roles["n1"].cacert, user="bert", password_file=str(pw))
+    async with bert.open_store(timeout=3) as store:
+        with pytest.raises(PermissionDenied):
+            await store.put(LAY.network("blue"), "{}")
