@@ -229,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--node", metavar="NODE", help="only workloads or networks on this node")
     _output_option(gp)
 
-    dp = add("describe", "Show one network or workload in detail, with what every node reports.")
-    dp.add_argument("kind", type=_kind(SPEC_KINDS), metavar="KIND", help="network | workload")
+    dp = add("describe", "Show one network, workload or node in detail, with what the nodes report.")
+    dp.add_argument("kind", type=_kind((*SPEC_KINDS, "Node")), metavar="KIND", help="network | workload | node")
     dp.add_argument("name")
     _output_option(dp, ("text", "json", "yaml"))
 
@@ -541,6 +541,8 @@ async def cmd_get(args, store: StoreView) -> int:
 
 
 async def cmd_describe(args, store: StoreView) -> int:
+    if args.kind == "Node":
+        return await _describe_node(args, store)
     found = await store.lookup(args.kind, args.name)
     if found is None:
         raise CliError(f"{args.kind.lower()}/{args.name} not found")
@@ -572,6 +574,28 @@ async def cmd_describe(args, store: StoreView) -> int:
             return EXIT_OK
         data = output.manifest(view.workload)
         data["status"] = output.manifest(view.status) if view.status else None
+    print(output.dump(data, args.output))
+    return EXIT_OK
+
+
+async def _describe_node(args, store: StoreView) -> int:
+    """A node: its registration, liveness, the networks naming it with what its NR reports,
+    and the events it recorded about itself."""
+    view = next((v for v in await store.nodes() if v.node.name == args.name), None)
+    if view is None:
+        if args.name in await store.registered_nodes():
+            raise CliError(f"node/{args.name}: its registration cannot be read")
+        raise CliError(f"node/{args.name} not found")
+    networks = await store.network_views([n for n in await store.networks() if args.name in n.spec.nodes])
+    events = await store.node_events(args.name)
+    if args.output == "text":
+        print(output.describe_node(view, networks, events))
+        return EXIT_OK
+    data = output.manifest(view.node)
+    data["status"] = {"alive": view.alive,
+                      "networks": [{"name": v.network.name, "ready": v.nr_reason(args.name) is None,
+                                    "reason": v.nr_reason(args.name)} for v in networks],
+                      "events": [e.model_dump(mode="json", exclude_none=True) for e in events]}
     print(output.dump(data, args.output))
     return EXIT_OK
 

@@ -300,14 +300,36 @@ def _aggregator_lines(view: NetworkView) -> list[str]:
     return lines
 
 
-def events_lines(events: Sequence[NodeEvent]) -> list[str]:
-    """kubectl-style Events: the most recently seen last."""
+def events_lines(events: Sequence[NodeEvent], *, by_node: bool = True) -> list[str]:
+    """kubectl-style Events: the most recently seen last (`by_node`: with the node's name)."""
     if not events:
         return ["Events:       <none>"]
-    rows = [[e.lastTimestamp.strftime("%Y-%m-%dT%H:%M:%SZ"), e.node, e.type, e.reason, e.count, e.message]
-            for e in events]
+    rows = [[e.lastTimestamp.strftime("%Y-%m-%dT%H:%M:%SZ"), *([e.node] if by_node else []), e.type,
+             e.reason, e.count, e.message] for e in events]
     return ["Events:"] + ["  " + line for line in table(
-        ["LAST SEEN", "NODE", "TYPE", "REASON", "COUNT", "MESSAGE"], rows).splitlines()]
+        ["LAST SEEN", *(["NODE"] if by_node else []), "TYPE", "REASON", "COUNT", "MESSAGE"], rows).splitlines()]
+
+
+def describe_node(view: NodeView, networks: Sequence[NetworkView], events: Sequence[NodeEvent] = ()) -> str:
+    s, name = view.node.spec, view.node.name
+    lines = [
+        f"Name:         {name}",
+        f"Endpoints:    {', '.join(str(e) for e in s.endpoints) or '(none: hidden)'}",
+        f"Hidden:       {_yes(s.hidden)}",
+        f"Alive:        {_yes(view.alive)}",
+        f"Ports:        {s.listenPortRange.min}-{s.listenPortRange.max}",
+        f"Version:      {s.version or '-'}",
+        f"Capabilities: {', '.join(s.capabilities) or '-'}",
+        "Networks:",
+    ]
+    if not networks:
+        lines.append("  (none)")
+    for v in networks:
+        r = v.network.spec.resource_for(name)
+        why = v.nr_reason(name)
+        lines.append(f"  {v.network.name}  subnet {r.subnet}  " + ("ready" if why is None else f"not ready: {why}"))
+    lines += events_lines(events, by_node=False)
+    return "\n".join(lines)
 
 
 def internet_text(st: ResourceStatus) -> str:

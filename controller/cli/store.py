@@ -192,6 +192,12 @@ class StoreView:
 
         return await read_events(self.store, network.spec.nodes, network.name)
 
+    async def node_events(self, node: str) -> list:
+        """The events a node recorded about itself, the most recently seen last."""
+        from controller.store.events import read_events
+
+        return await read_events(self.store, [node], None)
+
     # --- writes: admission reads (controller/store/specs.py), the CLI orchestrates ---------
 
     async def snapshot(self, items):

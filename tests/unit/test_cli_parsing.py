@@ -123,7 +123,7 @@ def test_the_entry_points_run(argv):
                           "use networks | workloads | nodes (see 'zmesh get --help')"),
     (["apply"], "zmesh: the following arguments are required: -f/--filename (see 'zmesh apply --help')"),
     (["frobnicate"], "zmesh: argument COMMAND: invalid choice: 'frobnicate'"),
-    (["describe", "node", "n1"], "zmesh: argument KIND: unknown kind 'node': use networks | workloads"),
+    (["describe", "pod", "p1"], "zmesh: argument KIND: unknown kind 'pod': use networks | workloads | nodes"),
     (["delete", "node", "n1"], "zmesh: argument KIND: unknown kind 'node': use networks | workloads"),
     (["get", "networks", "--bogus"], "zmesh: unrecognized arguments: --bogus"),
 ])
