@@ -59,6 +59,15 @@ def _check_name(value: str) -> str:
     return value
 
 
+def name_problem(value: str) -> str | None:
+    """Why `value` is not a valid object name (None: it is one)."""
+    try:
+        _check_name(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _check_ifname(value: str) -> str:
     if not _IFNAME_RE.match(value) or value in (".", ".."):
         raise ValueError(f"{value!r} is not a valid interface name (1-15 of A-Z a-z 0-9 _ . -)")

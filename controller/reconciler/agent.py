@@ -76,6 +76,8 @@ class Agent:
             on_recorded=lambda e: self.metrics.events.labels(type=e.type, reason=e.reason).inc(),
             on_dropped=self.metrics.events_dropped.inc)
         self.telemetry = Telemetry(self.snapshot, self.events, requeue=self.queue.add)
+        self.store.on_connection = self.telemetry.etcd_connection
+        self._started = False  # told telemetry the agent is up (once, when first ready)
         self.observer = Observer(self.snapshot, self.wireguard, on_transition=self.telemetry.peer_transition,
                                  on_error=lambda _network, _error: self.metrics.observe_errors.inc())
         self._reconciled_revision: dict[str, int] = {}  # network -> scope revision its last reconcile read
@@ -126,7 +128,7 @@ class Agent:
                           endpoints=tuple(cfg.public_endpoints), underlay_mtu=await self.underlay_mtu())
         self.ndmz = NdmzReconciler(
             ctx=ctx, uplink=cfg.uplink, links=self.links, nftables=self.nftables, state=self.state,
-            host_netns=cfg.host_netns, on_change=self._enqueue_networks)
+            host_netns=cfg.host_netns, on_change=self._enqueue_networks, telemetry=self.telemetry)
         self.prober = Prober(node_id=cfg.node_id, wireguard=self.wireguard,
                              publish=self._publish_verdicts, published=self.scope.own_verdicts,
                              alive=self.scope.peer_alive, interval=cfg.probe_interval,
@@ -182,7 +184,8 @@ class Agent:
         delay = 0.2
         while True:
             try:
-                self.registration = await self.store.register_node(node, ttl=LEASE_TTL)
+                self.registration = await self.store.register_node(
+                    node, ttl=LEASE_TTL, on_regranted=self.telemetry.lease_regranted)
                 return
             except Exception as e:  # StoreUnavailable and friends: keep trying
                 log.warning("cannot register node %s yet: %s", cfg.node_id, e)
@@ -252,6 +255,7 @@ class Agent:
             "wireguardBackend": self.wireguard.kind,
             "etcd": {"connected": self.store.connected, "endpoint": str(self.store.endpoint),
                      "revision": self.store.revision, "revisionLag": self.revision_lag()},
+            "events": [e.model_dump(mode="json", exclude_none=True) for e in self.events.recent(None)],
         }
 
     def _all_networks(self) -> set[str]:
@@ -302,6 +306,9 @@ class Agent:
             }
             for gate, is_open in gates.items():
                 (self.readiness.open if is_open else self.readiness.close)(gate)
+            if not self._started and all(gates.values()):
+                self._started = True
+                self.telemetry.started(package_version(), self.wireguard.kind, len(self.state.networks))
             if self.scope.index_synced and not self._first_revision:
                 self._first_revision = self.scope.index.revision
             await asyncio.sleep(0.2)

@@ -8,7 +8,8 @@ single-NIC mode) -> uplink (veth to the host, or the dedicated NIC moved in) -> 
 The firewalls come before the uplink, so the ndmz is a diode before it carries a packet.
 When the namespace or its bridge had to be (re)made, every NR's public leg went with it, and
 when a pass starts or stops failing, every NR's status should say so: `on_change()` asks for
-every network to be looked at again.
+every network to be looked at again. What a pass found (made, repaired, failed, recovered) is
+told to telemetry, which makes node events of it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from controller.planner.ndmz import DUAL_NIC, DesiredNdmz, UplinkConfig, plan_nd
 from controller.planner.plan import NodeContext
 
 from .state import LocalState, NdmzRecord
+from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ FORWARDING = "net.ipv4.ip_forward"
 class NdmzReconciler:
     def __init__(self, *, ctx: NodeContext, uplink: UplinkConfig, links: Links, nftables: Nftables,
                  state: LocalState, host_netns: str | None,
-                 on_change: Callable[[], None]):
+                 on_change: Callable[[], None], telemetry: Telemetry | None = None):
         self.ctx = ctx
         self.uplink = uplink
         self.links = links
@@ -47,6 +49,7 @@ class NdmzReconciler:
         self.state = state
         self.host_netns = host_netns
         self.on_change = on_change
+        self.telemetry = telemetry
         self.desired: DesiredNdmz = plan_ndmz(ctx, uplink)
         # Why the last pass failed (None: it converged or has not run yet); NRs report it as the
         # reason they have no Internet access.
@@ -63,30 +66,37 @@ class NdmzReconciler:
         # This pass's own writes (networks are reconciled concurrently).
         with counting() as writes:
             try:
-                rebuilt = await self._bounded_pass()
+                existed, rebuilt = await self._bounded_pass()
                 self.problem = None
+                baseline = before is None and self.passes > 0  # the last pass converged too
                 self.passes += 1
                 if rebuilt or before is not None:
                     self.on_change()
+                if self.telemetry is not None:
+                    self.telemetry.ndmz_passed(self.netns, created=not existed, writes=writes.total,
+                                               baseline=baseline, rebuilt=rebuilt, failed=before)
             except Exception as e:
                 self.problem = " ".join(str(e).split())[:300] or type(e).__name__
                 if before is None:
                     self.on_change()
+                if self.telemetry is not None:
+                    self.telemetry.ndmz_failed(self.netns, self.problem, failed=before)
                 raise  # logged and retried with backoff by the queue
             finally:
                 log.debug("ndmz pass: %.1f ms, %d writes", (time.perf_counter() - started) * 1e3,
                           writes.total)
         return None
 
-    async def _bounded_pass(self) -> bool:
+    async def _bounded_pass(self) -> tuple[bool, bool]:
         try:
             return await asyncio.wait_for(self._converge(self.desired), NDMZ_TIMEOUT)
         except asyncio.TimeoutError:
             raise TimeoutError(f"the ndmz pass did not finish within {NDMZ_TIMEOUT:g}s; "
                                "cancelled, will retry") from None
 
-    async def _converge(self, d: DesiredNdmz) -> bool:
-        """One pass; True if the bridge had to be made (NRs' legs must be made again)."""
+    async def _converge(self, d: DesiredNdmz) -> tuple[bool, bool]:
+        """One pass: (whether the namespace existed before, whether the bridge had to be made:
+        NRs' legs must be made again)."""
         up = d.uplink
         await self._undo_other_mode(d)
         # Recorded before it is made, so `zmesh purge` finds (and undoes) it after a crash at any
@@ -119,7 +129,7 @@ class NdmzReconciler:
                                                 up.host_ifname, up.host_address, observed=await fresh())
         await self.links.ensure_routes(d.netns, up.ifname, [DEFAULT_ROUTE], observed=await fresh(),
                                        via=up.gateway)
-        return not had_bridge
+        return existed, not had_bridge
 
     async def _ensure_nic(self, d: DesiredNdmz, st) -> None:
         """Dual NIC: the NIC is moved from the host namespace into the ndmz (once), addressed, up."""

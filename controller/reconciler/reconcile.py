@@ -35,6 +35,7 @@ from controller.models.resources import (
     PortRange,
     ResourceStatus,
     WorkloadStatus,
+    name_problem,
     set_condition,
     utcnow,
 )
@@ -172,6 +173,11 @@ class Reconciler:
         return outcome.requeue_after
 
     async def _reconcile(self, name: str) -> Outcome:
+        bad_name = name_problem(name)
+        if bad_name is not None:
+            # An index entry written by hand: no status or network event can even name it.
+            self.telemetry.network_refused(name, bad_name)
+            return Outcome("invalid")
         if not self.scope.known(name):
             return Outcome("waiting", WAIT_FOR_CACHE)
         network, error = self.scope.network(name)

@@ -3,11 +3,14 @@ as /metrics, /status and the mesh page) and the node's event history in etcd.
 
 The reconciler calls it at a few points of a reconcile (the plan, the outcome, the conditions
 it published, a repair); it only records, never decides anything the reconcile depends on, and
-never waits (events are queued, see store/events.py).
+never waits (events are queued, see store/events.py). Events about a network go to that
+network's history; what concerns the node itself (the agent starting, its ndmz, its connection
+to etcd and its liveness lease, a network it cannot even name) goes to the node's.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from controller.dataplane.links import NRState
@@ -23,11 +26,16 @@ HEALTHY = {"Ready": "True", "Degraded": "False", PEERS_CONDITION: "True"}
 
 class Telemetry:
     def __init__(self, snapshot: Snapshot, events: EventRecorder | None = None,
-                 requeue: Callable[[str], None] = lambda network: None):
+                 requeue: Callable[[str], None] = lambda network: None,
+                 clock: Callable[[], float] = time.monotonic):
         self.snapshot = snapshot
         self.events = events
         self.requeue = requeue
+        self.clock = clock
         self._lost: set[str] = set()  # networks whose aggregator went and none is usable yet
+        self._created = 0  # NRs created since the agent started
+        self._etcd_lost_at: float | None = None  # when etcd stopped answering (None: it answers)
+        self._refused: dict[str, str] = {}  # network names that cannot be reconciled -> why
 
     def _event(self, network: str | None, type_: str, reason: str, message: str) -> None:
         if self.events is not None:
@@ -39,8 +47,11 @@ class Telemetry:
         before = self.snapshot.networks.get(desired.network)
         previous = before.desired.aggregator if before and before.desired else None
         if self.snapshot.planned(desired):
+            # Why, as the choice says it (FailedOver: n2, because n1 is not forwarding ...).
+            why = f": {desired.choice.reason}: {desired.choice.message}" if desired.choice else ""
             self._event(desired.network, WARNING if desired.aggregator is None else NORMAL,
-                        "AggregatorChanged", f"aggregator is now {desired.aggregator or 'none'} (was {previous})")
+                        "AggregatorChanged",
+                        f"aggregator is now {desired.aggregator or 'none'} (was {previous}){why}")
             if desired.aggregator is None:
                 self._lost.add(desired.network)
         elif desired.aggregator is not None and desired.network in self._lost:
@@ -76,6 +87,7 @@ class Telemetry:
                 self._event(network, NORMAL if healthy else WARNING, c.reason or c.type, text)
 
     def created(self, network: str, netns: str) -> None:
+        self._created += 1
         self._event(network, NORMAL, "Created", f"network resource {netns} created")
 
     def removed(self, network: str) -> None:
@@ -95,3 +107,54 @@ class Telemetry:
         else:
             self._event(t.network, NORMAL, "PeerRecovered", t.message)
         self.requeue(t.network)
+
+    # --- about the node itself (its own history: nodes/<node>/events/node/) -----------------
+
+    def started(self, version: str, backend: str, resources: int) -> None:
+        """The agent's first pass is done (it became ready): `resources` NRs, of which those it
+        did not create itself were adopted from the last run."""
+        adopted = max(0, resources - self._created)
+        self._event(None, NORMAL, "AgentStarted",
+                    f"agent {version} (WireGuard {backend}) ready: {resources} network resource(s), "
+                    f"{adopted} adopted from the last run, {self._created} created")
+
+    def network_refused(self, network: str, why: str) -> None:
+        """A network this node cannot reconcile, nor record a network event about (its name is
+        not one): a node event, once per reason."""
+        if self._refused.get(network) != why:
+            self._refused[network] = why
+            self._event(None, WARNING, "NetworkRefused", f"network {network!r} refused: {why}")
+
+    def etcd_connection(self, connected: bool, endpoint: str, why: str = "") -> None:
+        """The store's connection state changed (a call failed after a success, or the reverse)."""
+        now = self.clock()
+        if not connected:
+            self._etcd_lost_at = now
+            self._event(None, WARNING, "EtcdDisconnected", f"etcd at {endpoint} does not answer: {why}")
+            return
+        lost, self._etcd_lost_at = self._etcd_lost_at, None
+        after = f" after {now - lost:.0f} s" if lost is not None else ""
+        self._event(None, NORMAL, "EtcdReconnected", f"etcd answers again at {endpoint}{after}")
+
+    def lease_regranted(self) -> None:
+        self._event(None, WARNING, "LeaseRegranted", "the node's liveness lease was gone (it expired while "
+                    "etcd could not be reached, or was revoked); registered again with a new lease")
+
+    def ndmz_passed(self, netns: str, *, created: bool, writes: int, baseline: bool, rebuilt: bool,
+                    failed: str | None) -> None:
+        """An ndmz pass converged. `baseline`: the pass before converged too, so writes now mean
+        the ndmz was changed outside the agent; `failed`: why the pass before failed, if it did."""
+        if created:
+            self._event(None, NORMAL, "NdmzCreated", f"ndmz {netns} created")
+        elif baseline and writes:
+            legs = "; its bridge was gone: every NR's public leg is made again" if rebuilt else ""
+            self._event(None, WARNING, "NdmzDriftRepaired", f"ndmz {netns}: {writes} kernel change(s) "
+                        f"written back: it had been changed outside the agent{legs}")
+        if failed is not None:
+            self._event(None, NORMAL, "NdmzRecovered", f"ndmz {netns} works again")
+
+    def ndmz_failed(self, netns: str, problem: str, failed: str | None) -> None:
+        """An ndmz pass failed (`failed`: why the one before did, None if it converged): an event
+        when the problem is new, not on every retry."""
+        if problem != failed:
+            self._event(None, WARNING, "NdmzFailed", f"ndmz {netns}: {problem} (NRs have no Internet access)")

@@ -278,6 +278,8 @@ class EtcdStore:
         self._closed = False
         # Observability: told (operation, seconds, ok) after every call, failover included.
         self.on_request: Callable[[str, float, bool], None] | None = None
+        # ... and (connected, endpoint, why) when `connected` changes.
+        self.on_connection: Callable[[bool, str, str], None] | None = None
         self.revision = 0  # the newest cluster revision any response carried
         self.failovers = 0  # moves to the next endpoint after a connection error
 
@@ -333,10 +335,19 @@ class EtcdStore:
                 # Warn once per outage; while etcd stays away every retry would say it again.
                 log.log(logging.DEBUG if self._unreachable else logging.WARNING,
                         "etcd endpoint %s failed (%s); trying the next one", self.endpoint, why)
-                self._unreachable = True
+                if not self._unreachable:
+                    self._unreachable = True
+                    self._tell_connection(False, why)
                 await self._drop_client()
                 self._current = (self._current + 1) % len(self.endpoints)
                 self.failovers += 1
+
+    def _tell_connection(self, connected: bool, why: str = "") -> None:
+        if self.on_connection is not None:
+            try:
+                self.on_connection(connected, str(self.endpoint), why)
+            except Exception:  # an observer's bug must not fail the call
+                log.exception("on_connection failed")
 
     async def _call(self, fn: Callable[[Connection], Awaitable[T]], what: str) -> T:
         """Run `fn(client)`, failing over between endpoints on connection errors."""
@@ -372,6 +383,7 @@ class EtcdStore:
                         if self._unreachable:
                             self._unreachable = False
                             log.warning("etcd answers again at %s", self.endpoint)
+                            self._tell_connection(True)
                         return result
                     except grpc.aio.AioRpcError as e:
                         if e.code() == grpc.StatusCode.UNAUTHENTICATED and self._username and "token" in (e.details() or ""):
@@ -822,10 +834,12 @@ class EtcdStore:
         e = await self.get(self.layout.workload_status(node, name))
         return None if e is None else _parse_status(WorkloadStatus, e)
 
-    async def register_node(self, node: Node, ttl: int = 10) -> "NodeRegistration":
+    async def register_node(self, node: Node, ttl: int = 10,
+                            on_regranted: Callable[[], None] = lambda: None) -> "NodeRegistration":
         """Write the persistent node record and the leased `alive/<node>` key, and keep the
-        lease alive from a background task (re-granted if lost, e.g. after an etcd restart)."""
-        reg = NodeRegistration(self, node, ttl)
+        lease alive from a background task (re-granted if lost, e.g. after an etcd restart;
+        `on_regranted()` is called each time it was)."""
+        reg = NodeRegistration(self, node, ttl, on_regranted)
         await reg._register()
         reg.task = self.spawn(reg._keep_alive(), f"keepalive-{node.name}")
         return reg
@@ -834,10 +848,12 @@ class EtcdStore:
 class NodeRegistration:
     """A registered node: the lease behind `alive/<node>` and the task keeping it alive."""
 
-    def __init__(self, store: EtcdStore, node: Node, ttl: int):
+    def __init__(self, store: EtcdStore, node: Node, ttl: int,
+                 on_regranted: Callable[[], None] = lambda: None):
         self.store = store
         self.node = node
         self.ttl = max(int(ttl), 2)
+        self.on_regranted = on_regranted
         self.lease_id = 0
         self.task: asyncio.Task | None = None
         self.lost = 0  # how many times the lease had to be re-granted
@@ -861,6 +877,7 @@ class NodeRegistration:
                     self.lost += 1
                     log.warning("liveness lease of node %s was lost; registering again", self.node.name)
                     await self._register()
+                    self.on_regranted()
             except StoreError as e:
                 # Keep trying: the dataplane outlives the store; the key expires meanwhile.
                 log.warning("cannot keep node %s alive: %s", self.node.name, e)

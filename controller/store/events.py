@@ -87,6 +87,14 @@ class EventRecorder(Service):
         self._wake.set()
         self.on_recorded(event)
 
+    def recent(self, network: str | None = None) -> list[NodeEvent]:
+        """What this agent knows of a history (None: the node's own) without asking etcd: the
+        events written or found at start, and those still waiting to be written (while etcd is
+        away, the event saying so among them); the most recently seen last."""
+        written = [e for e in self._histories.get(network, {}).values() if e is not None]
+        waiting = [e for e in self._pending if e.network == network]
+        return sorted(written + waiting, key=lambda e: e.lastTimestamp)[-self.history:]
+
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until every queued event is written (tests, shutdown)."""
         await asyncio.wait_for(self._idle.wait(), timeout)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import html.parser
+import json
 import os
 import shutil
 import signal
@@ -236,4 +237,59 @@ async def test_moving_the_aggregator_is_counted_and_recorded_and_hidden_peers_st
         return lines if len(lines) == 3 else None
     lines = wait_until(recorded, 20, what="an AggregatorChanged event per node")
     assert {x.split()[1] for x in lines} == {"n1", "n2", "h1"}
-    assert all(x.endswith("aggregator is now n2 (was n1)") for x in lines)
+    assert all("aggregator is now n2 (was n1): Preferred: n2 is the first candidate" in x for x in lines)
+
+
+# --- what happens to the node itself ------------------------------------------------------------
+
+def node_events(mesh, node: str) -> list[str]:
+    """The Events lines of `zmesh describe node` (LAST SEEN TYPE REASON COUNT MESSAGE)."""
+    out = mesh.zmesh("describe", "node", node).stdout
+    return out[out.index("Events:"):].splitlines()[2:]
+
+
+def node_event(mesh, node: str, reason: str, text: str = "", timeout: float = 30) -> str:
+    def found():
+        return next((x for x in node_events(mesh, node) if x.split()[2] == reason and text in x), None)
+    return wait_until(found, timeout, interval=0.3, what=f"a {reason} event of {node} {text!r}")
+
+
+async def test_the_agent_etcd_outages_the_lease_and_the_ndmz_are_node_events_on_describe_node(mesh):
+    mesh.start("n1")
+    node_event(mesh, "n1", "NdmzCreated")
+    node_event(mesh, "n1", "AgentStarted", "0 network resource(s), 0 adopted from the last run, 0 created")
+    mesh.apply(network_manifest("blue", {"n1": SUBNETS["n1"]}))
+    wait_until(lambda: (mesh.nr_status("n1", "blue") or {}).get("conditions"), 30, what="blue on n1")
+    # A restarted agent adopts what the last run built.
+    mesh.world.stop_agent("n1")
+    mesh.world.start_agent("n1")
+    node_event(mesh, "n1", "AgentStarted", "1 network resource(s), 1 adopted from the last run, 0 created")
+
+    # Someone deletes the ndmz's firewall: written back, and said so.
+    ndmz = f"{mesh.world.nodes['n1'].name_prefix}zmndmz"
+    subprocess.run(["ip", "netns", "exec", ndmz, "nft", "delete", "table", "inet", "zmesh"], check=True)
+    node_event(mesh, "n1", "NdmzDriftRepaired", "written back: it had been changed outside the agent")
+
+    # etcd goes away (a crash) and comes back; the node's /status says so meanwhile, from memory.
+    mesh.etcd.kill()
+    try:
+        wait_until(lambda: any(e["reason"] == "EtcdDisconnected" for e in mesh.get_json("n1", "/status")["events"]),
+                   30, what="/status telling that etcd is away")
+        assert mesh.get_json("n1", "/status")["etcd"]["connected"] is False
+    finally:
+        mesh.etcd.start()
+    disconnected = node_event(mesh, "n1", "EtcdDisconnected", "does not answer")
+    reconnected = node_event(mesh, "n1", "EtcdReconnected", "answers again at")
+    assert node_events(mesh, "n1").index(disconnected) < node_events(mesh, "n1").index(reconnected)
+
+    # The liveness lease gone (here revoked by hand): the node registers again and says so.
+    alive = json.loads(mesh.etcdctl("get", "/zmesh/v1/nodes/n1/mesh/alive", "-w", "json").stdout)["kvs"][0]
+    mesh.etcdctl("lease", "revoke", format(alive["lease"], "x"))
+    node_event(mesh, "n1", "LeaseRegranted", "registered again with a new lease")
+    wait_until(lambda: mesh.etcd_json("/zmesh/v1/nodes/n1/mesh/alive"), 10, what="n1 alive again")
+    described = json.loads(mesh.zmesh("describe", "node", "n1", "-o", "json").stdout)
+    assert described["status"]["alive"] is True
+    assert [n["name"] for n in described["status"]["networks"]] == ["blue"]
+    assert {"AgentStarted", "NdmzCreated", "NdmzDriftRepaired", "EtcdDisconnected", "EtcdReconnected",
+            "LeaseRegranted"} <= {e["reason"] for e in described["status"]["events"]}
+    print(mesh.zmesh("describe", "node", "n1").stdout)
