@@ -11,11 +11,12 @@ import json
 import signal
 import subprocess
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from meshlib import network_manifest, wait_until, workload_manifest
 
-from controller.sim.world import netns_exec
+from controller.sim.world import metric_total, netns_exec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.etcd]
 
@@ -146,6 +147,37 @@ def wait_failover(mesh, deciders, new: str, reach, timeout: float = 40) -> float
     return time.monotonic() - started
 
 
+def aggregator_changes(mesh, nodes) -> dict[str, float]:
+    return {n: mesh.metric_sum(n, "zmesh_aggregator_changes_total", network="blue") for n in nodes}
+
+
+def assert_the_operator_sees_the_failover(mesh, nodes, old: str, new: str, changes_before: dict,
+                                          since: datetime) -> None:
+    """What an operator sees on every node of `nodes` once it failed over from `old` to `new`:
+    its metrics name `new` (and no longer `old`) and count exactly one change, its NR status says
+    why and when it switched, and `zmesh describe network` shows its AggregatorChanged event
+    with the reason."""
+    for n in nodes:
+        text = mesh.metrics_text(n)
+        assert metric_total(text, "zmesh_aggregator_info", network="blue", aggregator=new) == 1, n
+        assert metric_total(text, "zmesh_aggregator_info", network="blue", aggregator=old) == 0, n
+        assert metric_total(text, "zmesh_aggregator_changes_total", network="blue") == changes_before[n] + 1, n
+        status = mesh.aggregator_status(n, "blue")
+        assert status["reason"] == "FailedOver", (n, status)
+        # lastSwitchTime is to the second
+        assert datetime.fromisoformat(status["lastSwitchTime"]) >= since - timedelta(seconds=1), (n, status)
+
+    wanted = f"aggregator is now {new} (was {old}): FailedOver: {new}, because {old} is not"
+
+    def recorded():  # the changes seen since the failure (the start may have had its own)
+        out = mesh.zmesh("describe", "network", "blue").stdout
+        lines = [x for x in out[out.index("Events:"):].splitlines() if "AggregatorChanged" in x
+                 and x.split()[1] in nodes and datetime.fromisoformat(x.split()[0]) >= since - timedelta(seconds=1)]
+        return lines if {x.split()[1] for x in lines if wanted in x} >= set(nodes) else None
+    lines = wait_until(recorded, 20, what=f"an AggregatorChanged event with its reason from each of {nodes}")
+    assert all(wanted in x for x in lines), lines
+
+
 async def test_changing_aggregators_by_hand_repoints_everything_and_leaves_nothing_stale(mesh):
     hidden_world(mesh)
     mesh.wait_mesh(hidden_workloads(), timeout=40)
@@ -193,26 +225,29 @@ async def test_killing_the_aggregator_node_fails_over_automatically(mesh):
     hidden_world(mesh)
     mesh.wait_mesh(hidden_workloads(), timeout=40)
     wait_until(lambda: mesh.aggregator_everywhere("blue", SUBNETS) == {"n1"}, 20, what="n1 everywhere")
+    survivors = [n for n in SUBNETS if n != "n1"]
+    changes, since = aggregator_changes(mesh, survivors), datetime.now(timezone.utc)
 
     mesh.world.stop_agent("n1", sig=signal.SIGKILL)
     mesh.world.set_uplink("n1", False)
-    survivors = [n for n in SUBNETS if n != "n1"]
     took = wait_failover(mesh, survivors, "n2", reach=("n2", "n3"))
     print(f"failed over in {took:.1f} s")
     status = mesh.aggregator_status("n3", "blue")
     assert status["reason"] == "FailedOver" and "n1 is not" in status["message"], status
     for h in HIDDEN:
         assert list(await peers_by_node(mesh, h)) == ["n2"]
-    # Its lease runs out too; the choice stays.
+    # Its lease runs out too; the choice stays (and is not counted again).
     wait_until(lambda: "n1 is not alive" in mesh.aggregator_status("h1", "blue").get("message", ""), 30,
                what="n1's lease expired")
     assert mesh.aggregator_everywhere("blue", survivors) == {"n2"}
+    assert_the_operator_sees_the_failover(mesh, survivors, "n1", "n2", changes, since)
 
 
 async def test_an_aggregator_dropping_its_wireguard_traffic_is_failed_over(mesh):
     hidden_world(mesh)
     mesh.wait_mesh(hidden_workloads(), timeout=40)
     wait_until(lambda: mesh.aggregator_everywhere("blue", SUBNETS) == {"n1"}, 20, what="n1 everywhere")
+    changes, since = aggregator_changes(mesh, SUBNETS), datetime.now(timezone.utc)
 
     blackhole_wireguard(mesh, "n1")
     # n1 itself agrees: it reads the same verdicts
@@ -221,6 +256,7 @@ async def test_an_aggregator_dropping_its_wireguard_traffic_is_failed_over(mesh)
     assert mesh.ready("n1"), "its agent is fine"
     status = mesh.aggregator_status("n1", "blue")
     assert status["reason"] == "FailedOver" and "n1 is not forwarding" in status["message"], status
+    assert_the_operator_sees_the_failover(mesh, SUBNETS, "n1", "n2", changes, since)
     described = mesh.zmesh("describe", "network", "blue").stdout
     assert "Hidden nodes: h1, h2, h3" in described
     assert "Aggregator:   n2 (FailedOver): n2, because n1 is not forwarding" in described
