@@ -254,7 +254,7 @@ def node_event(mesh, node: str, reason: str, text: str = "", timeout: float = 30
     return wait_until(found, timeout, interval=0.3, what=f"a {reason} event of {node} {text!r}")
 
 
-async def test_the_agent_etcd_outages_the_lease_and_the_ndmz_are_node_events_on_describe_node(mesh):
+async def test_the_agent_etcd_outages_the_lease_the_ndmz_and_a_refused_network_are_node_events(mesh):
     mesh.start("n1")
     node_event(mesh, "n1", "NdmzCreated")
     node_event(mesh, "n1", "AgentStarted", "0 network resource(s), 0 adopted from the last run, 0 created")
@@ -287,9 +287,17 @@ async def test_the_agent_etcd_outages_the_lease_and_the_ndmz_are_node_events_on_
     mesh.etcdctl("lease", "revoke", format(alive["lease"], "x"))
     node_event(mesh, "n1", "LeaseRegranted", "registered again with a new lease")
     wait_until(lambda: mesh.etcd_json("/zmesh/v1/nodes/n1/mesh/alive"), 10, what="n1 alive again")
+    # An index entry written by hand for a network whose name is not one: refused, said once.
+    bad = {"apiVersion": "zmesh.io/v1", "kind": "Network", "metadata": {"name": "Bad_Name"},
+           "spec": {"ipRange": "10.9.0.0/16", "resources": [{"node": "n1", "subnet": "10.9.1.0/24"}]}}
+    mesh.etcdctl("put", "/zmesh/v1/networks/Bad_Name", json.dumps(bad))
+    mesh.etcdctl("put", "/zmesh/v1/index/nodes/n1/networks/Bad_Name", "")
+    node_event(mesh, "n1", "NetworkRefused", "network 'Bad_Name' refused: 'Bad_Name' is not a valid name")
+    assert mesh.ready("n1") and mesh.metric_sum("n1", "zmesh_reconcile_errors_total") == 0
+
     described = json.loads(mesh.zmesh("describe", "node", "n1", "-o", "json").stdout)
     assert described["status"]["alive"] is True
     assert [n["name"] for n in described["status"]["networks"]] == ["blue"]
     assert {"AgentStarted", "NdmzCreated", "NdmzDriftRepaired", "EtcdDisconnected", "EtcdReconnected",
-            "LeaseRegranted"} <= {e["reason"] for e in described["status"]["events"]}
+            "LeaseRegranted", "NetworkRefused"} <= {e["reason"] for e in described["status"]["events"]}
     print(mesh.zmesh("describe", "node", "n1").stdout)
