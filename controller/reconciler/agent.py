@@ -89,7 +89,7 @@ class Agent:
         self.http = HttpServer(self.metrics.registry, self.readiness, config.metrics_host, config.metrics_port,
                                status=self.status_view,
                                mesh=MeshView(config.node_id, self.scope, self.snapshot, self.store,
-                                             hidden=config.hidden))
+                                             hidden=config.hidden, node_events=self.events.recent))
         # Without etcd auth every agent campaigns; the one leader keeps the node index right for
         # specs written by hand with etcdctl (the CLI writes index and spec in one transaction
         # itself). With auth a node may not write the index: `zmesh indexer` does it as admin.

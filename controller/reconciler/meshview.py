@@ -1,9 +1,10 @@
 """The data behind the mesh page (/mesh/data): for every network of this node, its nodes (role,
 liveness, whether it is the aggregator), this node's peers with their states and handshake
-ages, every node's conditions and the network's recent events.
+ages, every node's conditions and the network's recent events; and the node's own events.
 
 What this node watches anyway (specs, peers' facts and liveness) and what it observed (the
-Snapshot) is read from memory. Other nodes' conditions and the events are read from etcd on
+Snapshot) is read from memory, and so are the node's own events (its recorder's). Other nodes'
+conditions and the networks' events are read from etcd on
 demand: bounded by a timeout, cached for a moment (several open pages cost one read), and
 reported as a problem instead of failing the page when etcd does not answer.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from controller.http.snapshot import Snapshot, iso_time
 from controller.models.resources import Condition, NodeEvent, ResourceStatus
@@ -29,8 +31,10 @@ MAX_EVENTS = 30
 
 class MeshView:
     def __init__(self, node_id: str, scope: NodeScope, snapshot: Snapshot, store: EtcdStore, *,
-                 hidden: bool, etcd_timeout: float = ETCD_TIMEOUT, cache_for: float = CACHE_FOR):
+                 hidden: bool, node_events: Callable[[], list[NodeEvent]] = list,
+                 etcd_timeout: float = ETCD_TIMEOUT, cache_for: float = CACHE_FOR):
         self.node_id = node_id
+        self.node_events = node_events
         self.scope = scope
         self.snapshot = snapshot
         self.store = store
@@ -44,7 +48,9 @@ class MeshView:
         names = sorted(self.scope.network_names() | set(self.snapshot.networks))
         networks = [await self._network(name, problems) for name in names]
         return {"node": self.node_id, "time": iso_time(time.time()), "problems": problems,
-                "staleAfterSeconds": self.snapshot.stale_after, "networks": networks}
+                "staleAfterSeconds": self.snapshot.stale_after, "networks": networks,
+                "nodeEvents": [e.model_dump(mode="json", exclude_none=True)
+                               for e in self.node_events()[-MAX_EVENTS:]]}
 
     async def _network(self, name: str, problems: list[str]) -> dict:
         network, error = self.scope.network(name)

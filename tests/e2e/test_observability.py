@@ -175,6 +175,7 @@ async def test_a_peer_whose_wireguard_udp_is_dropped_turns_stale_everywhere_an_o
         assert page.find("tr", **{"class": "condition", "data-node": "n1", "data-type": "PeersReachable",
                                   "data-status": "False"})
         assert page.find("tr", **{"class": "event", "data-reason": "PeerStale"})
+        assert page.find("tr", **{"class": "node-event", "data-reason": "AgentStarted"})  # n1's own
         assert page.find("span", id="live", **{"class": "muted"})  # not the "agent unreachable" style
 
     # The path is back: n1 hears n3 again, says so, and records it.
