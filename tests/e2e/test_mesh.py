@@ -223,7 +223,7 @@ async def test_deleting_a_network_removes_everything_it_created(mesh):
         wait_until(lambda: "eth0" not in mesh.links(mesh.workload_ns(w)), 10, what=f"{w}'s veth removed")
     # What the agents published about the network goes with it: only each node's own
     # registration and liveness stay, and the events that tell what happened (its removal
-    # included), which expire with their lease.
+    # included; and the nodes' own, e.g. their agent starting), which expire with their lease.
     def published():
         kvs = json.loads(mesh.etcdctl("get", "--prefix", "-w", "json", "/zmesh/v1/nodes/").stdout).get("kvs", [])
         return {base64.b64decode(kv["key"]).decode(): kv for kv in kvs}
@@ -233,7 +233,7 @@ async def test_deleting_a_network_removes_everything_it_created(mesh):
                 if "/events/networks/blue/" in k and b'"Removed"' in base64.b64decode(kv["value"])}
     wait_until(lambda: removals() == set(SUBNETS), 10, what="a Removed event from every node")
     left = published()
-    events = {k: kv for k, kv in left.items() if "/events/networks/blue/" in k}
+    events = {k: kv for k, kv in left.items() if "/events/networks/blue/" in k or "/events/node/" in k}
     assert sorted(set(left) - set(events)) == sorted(
         f"/zmesh/v1/nodes/{n}/{k}" for n in SUBNETS for k in ("registration", "mesh/alive"))
     assert all(int(kv.get("lease", 0)) for kv in events.values())
