@@ -9,6 +9,9 @@ import subprocess
 import time
 
 import pytest
+from internetlib import (
+    PORT, answered, drops, host_table, leg_address, ndmz_ns, ping_from, public_address, seen_from,
+)
 from meshlib import RESYNC, network_manifest, wait_until, workload_manifest
 
 from controller.planner import names
@@ -19,16 +22,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.etcd]
 SUBNETS = {"n1": "10.1.1.0/24", "n2": "10.1.2.0/24", "n3": "10.1.3.0/24"}
 IPS = {"w1": "10.1.1.10", "w2": "10.1.2.10", "w3": "10.1.3.10"}
 NODE_OF = {"w1": "n1", "w2": "n2", "w3": "n3"}
-
-
-def public_address(mesh, node_id: str) -> str:
-    return str(mesh.world.nodes[node_id].ipv4)
-
-
-def seen_from(mesh, workload: str) -> str | None:
-    """The source address the Internet host saw for one HTTP request from `workload`."""
-    answer = mesh.world.http_get(mesh.workload_ns(workload))
-    return answer.split()[1] if answer else None
 
 
 def build(mesh) -> dict[str, str]:
@@ -71,27 +64,6 @@ while True:
     d, a = udp.recvfrom(100); log.write(f"udp {a[0]}\n")
 """
 
-PROBE = r"""
-import socket, sys, threading
-port, hosts = int(sys.argv[1]), sys.argv[2:]
-def syn(host):
-    s = socket.socket(); s.settimeout(1.5)
-    try:
-        s.connect((host, port)); print("tcp-open", host, flush=True)
-    except OSError:
-        pass
-threads = [threading.Thread(target=syn, args=(h,)) for h in hosts]
-for t in threads: t.start()
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-for _ in range(3):
-    for h in hosts:
-        u.sendto(b"probe", (h, port))
-for t in threads: t.join()
-"""
-
-PORT = 7777
-
-
 class Listeners:
     """TCP and UDP listeners on PORT in some namespaces, each recording every source that
     reached it; stopped by their PIDs."""
@@ -116,43 +88,6 @@ class Listeners:
             proc.kill()
             proc.wait()
             proc.stdout.close()
-
-
-def answered(src_ns: str, addresses: list[str], python: str) -> set[str]:
-    """TCP SYN, UDP (to PORT) and ICMP from `src_ns` to every address at once: the
-    "tcp ADDR"/"icmp ADDR" that got an answer (UDP has none: the listeners record it)."""
-    pings = {a: subprocess.Popen(["ip", "netns", "exec", src_ns, "ping", "-n", "-q", "-c", "2", "-i", "0.2",
-                                  "-W", "1", a], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for a in addresses}
-    res = subprocess.run(["ip", "netns", "exec", src_ns, python, "-c", PROBE, str(PORT), *addresses],
-                         capture_output=True, text=True, timeout=30)
-    found = {f"tcp {line.split()[1]}" for line in res.stdout.splitlines() if line.startswith("tcp-open")}
-    return found | {f"icmp {a}" for a, p in pings.items() if p.wait(30) == 0}
-
-
-def drops(netns: str, table: str = "zmesh", comment: str = "") -> int:
-    """Packets counted by the drop rules of our table in `netns` whose comment contains `comment`."""
-    out = netns_exec(netns, "nft", "-j", "list", "table", "inet", table, check=True).stdout
-    total = 0
-    for item in json.loads(out)["nftables"]:
-        rule = item.get("rule")
-        if rule and comment in rule.get("comment", "") and {"drop": None} in rule["expr"]:
-            total += sum(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
-    return total
-
-
-def ndmz_ns(mesh, node_id: str) -> str:
-    return names.ndmz_netns(mesh.world.nodes[node_id].name_prefix)
-
-
-def leg_address(mesh, node_id: str, network: str) -> str:
-    out = netns_exec(mesh.nr_netns(node_id, network), "ip", "-j", "-4", "addr", "show", "dev", "public",
-                     check=True).stdout
-    return json.loads(out)[0]["addr_info"][0]["local"]
-
-
-def host_table(mesh, node_id: str) -> str:
-    return names.host_nft_table(mesh.world.nodes[node_id].name_prefix)
 
 
 async def test_from_the_internet_nothing_opens_a_connection_inward_while_replies_come_back(mesh):
@@ -241,16 +176,12 @@ async def test_a_spoofed_source_from_a_workload_is_dropped(mesh):
     for spoofed in ("10.1.2.99", "192.0.2.99"):
         before = drops(nr, comment="anti-spoofing")
         for target in (str(INTERNET_HOST), IPS["w2"], "10.1.1.1"):
-            assert not _ping_from(wl, spoofed, target), (spoofed, target)
+            assert not ping_from(wl, spoofed, target), (spoofed, target)
         assert drops(nr, comment="anti-spoofing") > before
         assert mesh.world.http_get(wl, timeout=1, source=spoofed) is None
     assert len(mesh.world.internet_host_seen()) == seen  # nothing arrived from the spoofed sources
     # Its own address still works.
-    assert _ping_from(wl, IPS["w1"], str(INTERNET_HOST)) and _ping_from(wl, IPS["w1"], IPS["w2"])
-
-
-def _ping_from(netns: str, source: str, target: str) -> bool:
-    return netns_exec(netns, "ping", "-n", "-q", "-c", "1", "-W", "1", "-I", source, target).returncode == 0
+    assert ping_from(wl, IPS["w1"], str(INTERNET_HOST)) and ping_from(wl, IPS["w1"], IPS["w2"])
 
 
 def pinger(mesh, src: str, dst: str, count: int) -> subprocess.Popen:
