@@ -32,6 +32,10 @@ _LEFT = {
     "ct state": {"ct": {"key": "state"}},
 }
 _STATEMENTS = ("counter", "accept", "drop", "masquerade")
+# What a rule's counter counts, for the agent's metrics (docs/observability.md, "Internet access"):
+# not part of the rule in the kernel, only how the observer reads its counter back.
+COUNTS = ("connections", "sent", "received", "inbound", "spoofed", "to_node", "between_networks")
+DROP_REASONS = ("inbound", "spoofed", "to_node", "between_networks")
 _CT_STATES = ("established", "related", "new", "invalid", "untracked")
 
 
@@ -95,15 +99,19 @@ class Match:
 
 @dataclass(frozen=True)
 class Rule:
-    """Matches, then statements ("counter", then a verdict or "masquerade"), and a comment."""
+    """Matches, then statements ("counter", then a verdict or "masquerade"), and a comment.
+    `counts` names what its counter counts for the metrics (one of COUNTS; "": not read)."""
 
     exprs: tuple[Match | str, ...]
     comment: str = ""
+    counts: str = ""
 
     def __post_init__(self):
         for e in self.exprs:
             if isinstance(e, str) and e not in _STATEMENTS:
                 raise ValueError(f"unsupported statement {e!r}")
+        if self.counts and (self.counts not in COUNTS or "counter" not in self.exprs):
+            raise ValueError(f"a rule that counts {self.counts!r} needs a counter and one of {COUNTS}")
         if '"' in self.comment or len(self.comment) > 128:
             raise ValueError("a rule comment has no double quote and at most 128 characters")
 
@@ -195,8 +203,8 @@ def ct_state(*states: str) -> Match:
     return Match("ct state", states)
 
 
-def rule(*exprs: Match | str, comment: str = "") -> Rule:
-    return Rule(tuple(exprs), comment)
+def rule(*exprs: Match | str, comment: str = "", counts: str = "") -> Rule:
+    return Rule(tuple(exprs), comment, counts)
 
 
 def _as_nets(values) -> list[IPv4Net]:

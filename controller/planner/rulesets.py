@@ -13,7 +13,11 @@ established/related traffic enters, the rest is dropped), plus what the seed lea
   out of whatever uplink its routes choose.
 
 Traffic inside a network (bridge, WireGuard, forwarding between peers) has no rule: every chain's
-policy is accept. Drops carry a counter, so an operator (and the tests) can see them work.
+policy is accept. Drops carry a counter, so an operator (and the tests) can see them work; each
+counted rule says what it counts (`counts`), which the agent's observer reads back into its
+metrics (docs/observability.md, "Internet access"). The masquerade rules count connections
+(a nat chain sees each connection's first packet only); the NR also counts what goes out of and
+comes back through `public`.
 """
 
 from __future__ import annotations
@@ -40,11 +44,14 @@ from . import names
 REPLIES = ("established", "related")
 
 
-def _diode(ifname: str, direction=iifname, into: str = "") -> tuple:
+def _diode(ifname: str, direction=iifname, into: str = "", *, counts: str = "inbound",
+           received: bool = False) -> tuple:
     """Only replies to connections made from inside come back in through `ifname` (`direction`
-    oifname: out of it, i.e. into what lies behind it)."""
-    return (rule(direction(ifname), ct_state(*REPLIES), "accept"),
-            rule(direction(ifname), "counter", "drop",
+    oifname: out of it, i.e. into what lies behind it). The drop counts as `counts`; with
+    `received` the replies are counted too."""
+    replies = ("counter", "accept") if received else ("accept",)
+    return (rule(direction(ifname), ct_state(*REPLIES), *replies, counts="received" if received else ""),
+            rule(direction(ifname), "counter", "drop", counts=counts,
                  comment=f"diode: nothing new enters {into or 'through ' + ifname}"))
 
 
@@ -52,8 +59,10 @@ def _filter(hook: str, rules: Sequence) -> Chain:
     return Chain(hook, "filter", hook, FILTER, tuple(rules))
 
 
-def _masquerade(*exprs) -> Chain:
-    return Chain("postrouting", "nat", "postrouting", SRCNAT, (rule(*exprs, "masquerade"),))
+def _masquerade(*exprs, counts: str = "") -> Chain:
+    # A nat chain sees only the first packet of a connection: its counter counts connections.
+    return Chain("postrouting", "nat", "postrouting", SRCNAT,
+                 (rule(*exprs, "counter", "masquerade", counts=counts),))
 
 
 def nr_ruleset(subnet: ipaddress.IPv4Network) -> Table:
@@ -61,14 +70,17 @@ def nr_ruleset(subnet: ipaddress.IPv4Network) -> Table:
     bridge, public = names.NR_BRIDGE, names.NR_PUBLIC_IFNAME
     return Table("inet", names.NFT_TABLE, (
         _filter("prerouting", (
-            rule(iifname(bridge), saddr(subnet, negate=True), "counter", "drop",
+            rule(iifname(bridge), saddr(subnet, negate=True), "counter", "drop", counts="spoofed",
                  comment="anti-spoofing: workloads send from their subnet only"),
-            rule(iifname(bridge), daddr(RESERVED_RANGE), "counter", "drop",
+            rule(iifname(bridge), daddr(RESERVED_RANGE), "counter", "drop", counts="to_node",
                  comment="workloads never reach the ndmz range"),
         )),
         _filter("input", _diode(public)),
-        _filter("forward", _diode(public)),
-        _masquerade(oifname(public)),
+        _filter("forward", (
+            rule(oifname(public), "counter", counts="sent", comment="what the network sends to the Internet"),
+            *_diode(public, received=True),
+        )),
+        _masquerade(oifname(public), counts="connections"),
     ))
 
 
@@ -78,21 +90,21 @@ def ndmz_ruleset(uplink: str, gateway: ipaddress.IPv4Address, legs: ipaddress.IP
     (`legs`, gateway `gateway`), and the node's own addresses that NRs must not reach."""
     bridge = names.NDMZ_BRIDGE
     forward = [*_diode(uplink),
-               rule(iifname(bridge), oifname(bridge), "counter", "drop",
+               rule(iifname(bridge), oifname(bridge), "counter", "drop", counts="between_networks",
                     comment="NRs never reach each other through the ndmz"),
-               rule(iifname(bridge), saddr(legs, negate=True), "counter", "drop",
+               rule(iifname(bridge), saddr(legs, negate=True), "counter", "drop", counts="spoofed",
                     comment="anti-spoofing: only NR public legs")]
     if node_addresses:
-        forward.append(rule(iifname(bridge), daddr(node_addresses), "counter", "drop",
+        forward.append(rule(iifname(bridge), daddr(node_addresses), "counter", "drop", counts="to_node",
                             comment="NRs never reach the node's own addresses"))
     return Table("inet", names.NFT_TABLE, (
         _filter("input", (
             *_diode(uplink),
-            rule(iifname(bridge), daddr(gateway, negate=True), "counter", "drop",
+            rule(iifname(bridge), daddr(gateway, negate=True), "counter", "drop", counts="to_node",
                  comment="NRs reach only the gateway of the ndmz"),
         )),
         _filter("forward", forward),
-        _masquerade(oifname(uplink)),
+        _masquerade(oifname(uplink), counts="connections"),
     ))
 
 
@@ -104,9 +116,9 @@ def host_ruleset(table: str, link: str, link_net: ipaddress.IPv4Network,
     traffic leaves masqueraded as the node."""
     return Table("inet", table, (
         _filter("input", (
-            *_diode(link),
+            *_diode(link, counts="to_node"),  # the ndmz opening something in the host
             rule(iifname(link, negate=True), iifname("lo", negate=True), daddr(host_address),
-                 "counter", "drop", comment="the ndmz link is not reachable from outside"),
+                 "counter", "drop", counts="inbound", comment="the ndmz link is not reachable from outside"),
         )),
         _filter("forward", _diode(link, oifname, into="the ndmz")),
         _masquerade(saddr(link_net), oifname(link, negate=True)),

@@ -41,7 +41,7 @@ def test_without_an_allocated_address_no_public_leg_is_planned():
 def test_the_egress_nr_itself_leaves_locally_and_masquerades_the_whole_network():
     nr = plan("p1", net=network(egress="p1"), public_ip=LEG)
     assert nr.public.default_route and nr.internet_via is None
-    assert 'oifname "public" masquerade' in nr.ruleset.text()  # every source, the network's too
+    assert 'oifname "public" counter masquerade' in nr.ruleset.text()  # every source, the network's too
     assert all(INTERNET not in p.allowed_ips for p in nr.peers)
 
 

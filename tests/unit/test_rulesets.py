@@ -5,7 +5,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address
 
 import pytest
 
-from controller.models.nftables import Match, Rule, Table, daddr, iifname, rule, saddr
+from controller.models.nftables import DROP_REASONS, Match, Rule, Table, daddr, iifname, rule, saddr
 from controller.planner import names
 from controller.planner.ndmz import (
     DUAL_NIC,
@@ -36,13 +36,14 @@ table inet zmesh {
 
 \tchain forward {
 \t\ttype filter hook forward priority filter; policy accept;
-\t\tiifname "public" ct state established,related accept
+\t\toifname "public" counter comment "what the network sends to the Internet"
+\t\tiifname "public" ct state established,related counter accept
 \t\tiifname "public" counter drop comment "diode: nothing new enters through public"
 \t}
 
 \tchain postrouting {
 \t\ttype nat hook postrouting priority srcnat; policy accept;
-\t\toifname "public" masquerade
+\t\toifname "public" counter masquerade
 \t}
 }
 """
@@ -81,7 +82,7 @@ table inet zmesh {
 
 \tchain postrouting {
 \t\ttype nat hook postrouting priority srcnat; policy accept;
-\t\toifname "public" masquerade
+\t\toifname "public" counter masquerade
 \t}
 }
 """
@@ -102,7 +103,7 @@ table inet zmesh-n1 {
 
 \tchain postrouting {
 \t\ttype nat hook postrouting priority srcnat; policy accept;
-\t\tip saddr 100.127.255.252/30 oifname != "n1-zmndmz" masquerade
+\t\tip saddr 100.127.255.252/30 oifname != "n1-zmndmz" counter masquerade
 \t}
 }
 """
@@ -115,7 +116,7 @@ def test_dual_nic_ndmz_uses_its_own_nic_and_leaves_the_host_alone():
         DUAL_NIC, "eth1", IPv4Interface("198.51.100.111/24"), IPv4Address("198.51.100.1"), None)
     assert d.host_ruleset is None and d.host_table == "zmesh-n1"  # to be removed if left over
     text = d.ruleset.text()
-    assert 'oifname "eth1" masquerade' in text and 'iifname "eth1" counter drop' in text
+    assert 'oifname "eth1" counter masquerade' in text and 'iifname "eth1" counter drop' in text
     # NRs still never reach the node's own (other) address
     assert 'ip daddr 198.51.100.11 counter drop' in text
 
@@ -205,3 +206,26 @@ def test_the_rulesets_shown_in_the_docs_are_what_the_code_builds():
     single = plan_ndmz(node, UplinkConfig())
     assert shown == [nr_ruleset(IPv4Network("10.1.1.0/24")).text(), single.ruleset.text(),
                      single.host_ruleset.text(), plan_ndmz(node, dual).ruleset.text()]
+
+
+def counted(table) -> set[str]:
+    return {r.counts for c in table.chains for r in c.rules if r.counts}
+
+
+def test_every_drop_and_nat_rule_says_what_its_counter_counts_for_the_metrics():
+    single, dual = plan_ndmz(ctx(), UplinkConfig()), plan_ndmz(ctx(), UplinkConfig(
+        "eth1", IPv4Interface("198.51.100.111/24"), IPv4Address("198.51.100.1")))
+    nr = nr_ruleset(IPv4Network("10.1.1.0/24"))
+    assert counted(nr) == {"connections", "sent", "received", "inbound", "spoofed", "to_node"}
+    assert counted(single.ruleset) == counted(dual.ruleset) == {
+        "connections", "inbound", "spoofed", "to_node", "between_networks"}
+    assert counted(single.host_ruleset) == {"inbound", "to_node"}
+    for table in (nr, single.ruleset, single.host_ruleset, dual.ruleset):
+        for c in table.chains:
+            for r in c.rules:
+                if "drop" in r.exprs:
+                    assert r.counts in DROP_REASONS, r
+    with pytest.raises(ValueError, match="needs a counter"):
+        rule(iifname("public"), "drop", counts="inbound")
+    with pytest.raises(ValueError):
+        rule(iifname("public"), "counter", "drop", counts="whatever")
