@@ -165,7 +165,7 @@ class Reconciler:
         if result in ("converged", "changed", "pending"):
             # Only a fully applied plan is a baseline for telling drift from a change.
             self.telemetry.reconciled(network, ok=result != "pending",
-                                      kernel_writes=writes.link + writes.wireguard)
+                                      kernel_writes=writes.link + writes.wireguard + writes.nftables)
         if result == "removed":
             self.metrics.forget_network(network)
             if network not in self.scope.network_names():  # gone for good: forget it
