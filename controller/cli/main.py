@@ -324,8 +324,8 @@ def add_agent_options(p: argparse.ArgumentParser, top: bool = True) -> None:
     p.add_argument("--metrics-addr", default=DEFAULT_METRICS_ADDR, metavar="HOST:PORT",
                    help=f"serve /metrics, /healthz, /readyz here (default: {DEFAULT_METRICS_ADDR})")
     p.add_argument("--observe-interval", default=f"{DEFAULT_OBSERVE_INTERVAL:g}", metavar="SECONDS",
-                   help="read every NR's WireGuard counters and handshakes this often, apart from "
-                        "reconciles (default: %(default)s)")
+                   help="read every NR's WireGuard counters and handshakes, and the nftables "
+                        "counters, this often, apart from reconciles (default: %(default)s)")
     p.add_argument("--peer-stale-after", default=f"{DEFAULT_STALE_AFTER:g}", metavar="SECONDS",
                    help="a peer that should be talking and was not heard from for this long is "
                         "stale (default: %(default)s; see docs/observability.md)")

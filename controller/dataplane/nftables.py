@@ -9,6 +9,10 @@ Built the way kube-proxy's nftables mode uses knftables:
   else one transaction that replaces our table: add (so that delete cannot fail), delete, and
   the whole table again, all in ONE `nft -j -f -` run. nft applies a file as one netlink batch,
   so there is never a moment without rules, and a converged namespace costs one read;
+- counters: `counters()` reads the values of the rules the desired table marks as counted
+  (`Rule.counts`), with the rule's handle and the table's generation (namespace inode, table
+  handle: a replaced table starts again at the same rule handles, but gets a new table handle),
+  for the observer's monotonic totals;
 - `nft` runs inside the namespace with `nsenter --net=PATH -- nft ...` (exec: nothing forks
   beside aetcd's gRPC threads, design.md 5b), every call with a timeout.
 
@@ -21,8 +25,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
 import shutil
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from controller.models.nftables import Table
 
@@ -82,6 +88,51 @@ def normalize(listing: str | dict) -> list[dict]:
     return out
 
 
+@dataclass(frozen=True)
+class RuleCounter:
+    counts: str  # what the rule counts (Rule.counts)
+    handle: int
+    packets: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class TableCounters:
+    """The counted rules of one table as read once. `generation` changes whenever the kernel's
+    table was made anew (its counters then start again at zero)."""
+
+    generation: tuple[int, int]  # (namespace inode, table handle)
+    rules: tuple[RuleCounter, ...]
+
+
+def rule_counters(desired: Table, listing: str | dict, namespace: int = 0) -> TableCounters:
+    """The counters of the rules of `listing` (`nft -j list table`) that are exactly one of
+    `desired`'s counted rules; rules that differ (drift) are not read. Pure."""
+    doc = json.loads(listing) if isinstance(listing, str) else listing
+    counted = {_rule_key(r.json(desired.family, desired.name, c.name)["rule"]): r.counts
+               for c in desired.chains for r in c.rules if r.counts}
+    table_handle, out = 0, []
+    for item in doc.get("nftables", []):
+        if not isinstance(item, dict):
+            continue
+        if isinstance(item.get("table"), dict):
+            table_handle = int(item["table"].get("handle", 0))
+        found = item.get("rule")
+        if not isinstance(found, dict):
+            continue
+        (norm,) = normalize({"nftables": [item]})
+        counts = counted.get(_rule_key(norm["rule"]))
+        if counts is None:
+            continue
+        value = next(e["counter"] for e in found["expr"] if isinstance(e, dict) and "counter" in e)
+        out.append(RuleCounter(counts, int(found["handle"]), int(value["packets"]), int(value["bytes"])))
+    return TableCounters((namespace, table_handle), tuple(out))
+
+
+def _rule_key(rule: dict) -> str:
+    return json.dumps(rule, sort_keys=True)
+
+
 def _ref(family: str, name: str) -> dict:
     return {"table": {"family": family, "name": name}}
 
@@ -121,17 +172,35 @@ class Nftables:
         self.calls += 1
         return await self._run(netns, args, stdin, self.timeout)
 
-    async def observe(self, netns: str | None, family: str, name: str) -> list[dict] | None:
-        """Our table in `netns` as normalised objects; None if it does not exist."""
+    async def _list(self, netns: str | None, family: str, name: str) -> str | None:
         rc, out, err = await self._nft(netns, ["-j", "list", "table", family, name])
         if rc != 0:
             if "No such file or directory" in err:
                 return None
             raise NftError(f"nft list table {family} {name} in {netns or 'own netns'}: {_first_line(err)}")
+        return out
+
+    async def observe(self, netns: str | None, family: str, name: str) -> list[dict] | None:
+        """Our table in `netns` as normalised objects; None if it does not exist."""
+        out = await self._list(netns, family, name)
+        if out is None:
+            return None
         try:
             return normalize(out)
         except (ValueError, TypeError, AttributeError) as e:
             raise NftError(f"unreadable nft listing of {family} {name} in {netns}: {e}") from None
+
+    async def counters(self, netns: str | None, desired: Table) -> TableCounters | None:
+        """The counters of `desired`'s counted rules as the kernel has them in `netns` (None: our
+        table does not exist). Reads only."""
+        namespace = namespace_id(netns)
+        out = await self._list(netns, desired.family, desired.name)
+        if out is None:
+            return None
+        try:
+            return rule_counters(desired, out, namespace)
+        except (ValueError, TypeError, AttributeError, KeyError, StopIteration) as e:
+            raise NftError(f"unreadable nft counters of {desired.family} {desired.name} in {netns}: {e}") from None
 
     async def ensure(self, netns: str | None, desired: Table, observed=UNOBSERVED) -> int:
         """Our table in `netns` is exactly `desired`; returns the transactions run (0 or 1).
@@ -156,6 +225,11 @@ class Nftables:
         self.writes += 1
         count("nftables")  # for the reconcile that made it (accounting.counting)
         return 1
+
+
+def namespace_id(netns: str | None) -> int:
+    """The namespace's inode: a namespace deleted and made again under the same name is another."""
+    return os.stat(netns_path(netns) if netns is not None else "/proc/self/ns/net").st_ino
 
 
 def _first_line(text: str) -> str:

@@ -28,7 +28,9 @@ from prometheus_client.registry import Collector
 from controller.dataplane.wireguard.base import WireGuardError
 from controller.store.client import OPERATIONS, StoreError
 
-from .snapshot import DEFAULT_PEER_SERIES_LIMIT, STALE, Snapshot
+from controller.models.nftables import DROP_REASONS
+
+from .snapshot import DEFAULT_PEER_SERIES_LIMIT, NR_DROP_REASONS, STALE, Snapshot
 
 # From a no-op resync (~1 ms) to a cold NR with many peers on a busy 2-core machine (seconds).
 RECONCILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -86,10 +88,30 @@ class _SnapshotCollector(Collector):
         agg_changes = CounterMetricFamily("zmesh_aggregator_changes",
                                           "Times the aggregator in effect for a network changed (failovers)",
                                           labels=["network"])
+        nat = CounterMetricFamily("zmesh_internet_connections",
+                                  "Connections of the network masqueraded out of its NR's public leg "
+                                  "(counted by the NAT rule, which sees each connection's first packet)",
+                                  labels=["network"])
+        inet_tx = CounterMetricFamily("zmesh_internet_sent_bytes",
+                                      "Bytes the network sent to the Internet through its NR's public leg",
+                                      labels=["network"])
+        inet_rx = CounterMetricFamily("zmesh_internet_received_bytes",
+                                      "Bytes of replies from the Internet through the NR's public leg",
+                                      labels=["network"])
+        dropped = CounterMetricFamily("zmesh_firewall_dropped_packets",
+                                      "Packets the NR's firewall dropped, by reason (" + ", ".join(NR_DROP_REASONS)
+                                      + ")", labels=["network", "reason"])
         per_peer = []
         for name, nr in sorted(snap.networks.items()):
             if nr.desired is None:
                 continue
+            if nr.desired.ruleset is not None:
+                fw = nr.firewall
+                nat.add_metric([name], fw.packets.get("connections", 0))
+                inet_tx.add_metric([name], fw.bytes.get("sent", 0))
+                inet_rx.add_metric([name], fw.bytes.get("received", 0))
+                for reason in NR_DROP_REASONS:
+                    dropped.add_metric([name, reason], fw.packets.get(reason, 0))
             states = {n: rec.state(now, snap.stale_after) for n, rec in nr.peers.items()}
             peers.add_metric([name], len(nr.peers))
             stale.add_metric([name], sum(s == STALE for s in states.values()))
@@ -132,8 +154,19 @@ class _SnapshotCollector(Collector):
                                         "Seconds since the observer last finished reading every NR")
         if snap.refreshed_at:
             observe_age.add_metric([], max(0.0, now - snap.refreshed_at))
-        yield from (peers, stale, oldest, rx, tx, cond, drift, agg, agg_changes,
+        yield from (peers, stale, oldest, rx, tx, cond, drift, agg, agg_changes, nat, inet_tx, inet_rx, dropped,
                     age, pstale, prx, ptx, omitted, observe_age)
+        if snap.ndmz.read:  # the node's ndmz (and its host chains), once read
+            ndmz_nat = CounterMetricFamily("zmesh_ndmz_connections",
+                                           "Connections of the node's NRs masqueraded out of the ndmz's uplink")
+            ndmz_nat.add_metric([], snap.ndmz.packets.get("connections", 0))
+            ndmz_dropped = CounterMetricFamily("zmesh_ndmz_dropped_packets",
+                                               "Packets the firewalls of the ndmz and of the host's ndmz link "
+                                               "dropped, by reason (" + ", ".join(DROP_REASONS) + ")",
+                                               labels=["reason"])
+            for reason in DROP_REASONS:
+                ndmz_dropped.add_metric([reason], snap.ndmz.packets.get(reason, 0))
+            yield from (ndmz_nat, ndmz_dropped)
 
 
 class _QueueCollector(Collector):
@@ -255,7 +288,8 @@ class AgentMetrics:
         self.wireguard_restarts = Counter("zmesh_wireguard_restarts_total",
                                           "WireGuard devices found dead and restarted", registry=r)
         self.observe_errors = Counter("zmesh_observe_errors_total",
-                                      "WireGuard devices the observer could not read", registry=r)
+                                      "WireGuard devices and nftables tables the observer could "
+                                      "not read", registry=r)
         self.etcd_requests = Histogram("zmesh_etcd_request_duration_seconds",
                                        "etcd calls by operation, failovers included",
                                        ["operation"], buckets=ETCD_BUCKETS, registry=r)

@@ -27,11 +27,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from controller.models.nftables import DROP_REASONS
 from controller.models.resources import Condition
 from controller.planner.plan import HIDDEN_KEEPALIVE, DesiredNR
 
 if TYPE_CHECKING:  # the CLI imports the defaults below; pyroute2 is not needed for them
     from controller.dataplane.links import NRState
+    from controller.dataplane.nftables import TableCounters
     from controller.dataplane.wireguard.base import DeviceState
 
 # WireGuard's protocol constants (whitepaper, section 6): the longest a session lives, and how
@@ -114,6 +116,55 @@ class LinkInfo:
     mtu: int
 
 
+NR_DROP_REASONS = ("inbound", "spoofed", "to_node")  # what an NR's own table can drop
+
+
+@dataclass
+class FirewallTally:
+    """The counters of Zero-Mesh's counted nftables rules (`Rule.counts`) in one or more tables
+    (`source`: "nr", "ndmz", "host"), counted by the agent so that they only grow. The kernel's
+    counters start again at zero whenever a table is replaced (drift repaired, a rule changed):
+    a reading is compared with the last one of the same rule (table generation and rule handle),
+    and a rule not seen before counts from zero. As for WireGuard's bytes, counting starts at
+    the agent's first reading of a table, and what a replaced table counted after our last
+    reading of it is lost."""
+
+    packets: dict[str, int] = field(default_factory=dict)  # counts -> total
+    bytes: dict[str, int] = field(default_factory=dict)
+    raw: dict[tuple, tuple[int, int]] = field(default_factory=dict)  # (source, generation, handle) ->
+    read: set[str] = field(default_factory=set)  # sources read at least once (None included)
+    observed_at: float = 0.0
+    error: str | None = None
+
+    def add(self, source: str, counters: TableCounters | None) -> None:
+        first = source not in self.read
+        self.read.add(source)
+        current = {}
+        for rc in counters.rules if counters is not None else ():
+            key = (source, counters.generation, rc.handle)
+            value = (rc.packets, rc.bytes)
+            last = self.raw.get(key)
+            if last is None:
+                delta = (0, 0) if first else value
+            elif value[0] >= last[0] and value[1] >= last[1]:
+                delta = (value[0] - last[0], value[1] - last[1])
+            else:  # reset in place (`nft reset counters`)
+                delta = value
+            self.packets[rc.counts] = self.packets.get(rc.counts, 0) + delta[0]
+            self.bytes[rc.counts] = self.bytes.get(rc.counts, 0) + delta[1]
+            current[key] = value
+        self.raw = {k: v for k, v in self.raw.items() if k[0] != source} | current
+
+    def view(self, reasons: tuple[str, ...], traffic: bool) -> dict:
+        out = {"observedAt": iso_time(self.observed_at) if self.observed_at else None,
+               "observeError": self.error,
+               "connections": self.packets.get("connections", 0)}
+        if traffic:
+            out |= {"sentBytes": self.bytes.get("sent", 0), "receivedBytes": self.bytes.get("received", 0)}
+        out["droppedPackets"] = {r: self.packets.get(r, 0) for r in reasons}
+        return out
+
+
 @dataclass
 class NRRecord:
     """One network's NR on this node."""
@@ -133,6 +184,7 @@ class NRRecord:
     drift_repairs: int = 0
     aggregator_changes: int = 0
     stale: frozenset[str] = frozenset()  # peers stale at the last observation
+    firewall: FirewallTally = field(default_factory=FirewallTally)  # the NR's own table
 
 
 @dataclass(frozen=True)
@@ -155,6 +207,7 @@ class Snapshot:
         self.observe_interval = observe_interval
         self.clock = clock
         self.networks: dict[str, NRRecord] = {}
+        self.ndmz = FirewallTally()  # the ndmz's table and, single NIC, ours in the host
         self.refreshed_at = 0.0  # end of the observer's last pass over every network
 
     def _nr(self, network: str) -> NRRecord:
@@ -267,6 +320,29 @@ class Snapshot:
                 rec.unanswered_since = now
         return self._transitions(nr, now)
 
+    # --- nftables counters ---------------------------------------------------------------
+
+    def observed_firewall(self, network: str, counters: TableCounters | None, *,
+                          error: str | None = None) -> None:
+        """The counters of the NR's table as just read (None: no table yet, or with `error`)."""
+        nr = self.networks.get(network)
+        if nr is not None and nr.desired is not None:
+            self._tally(nr.firewall, "nr", counters, error)
+
+    def observed_ndmz(self, readings: dict[str, TableCounters | None], errors: Iterable[str] = ()) -> None:
+        """The counters of the ndmz's table (source "ndmz") and, single NIC, of ours in the host
+        ("host"), as just read; a source that could not be read is left out, with its error."""
+        self.ndmz.observed_at = self.clock()
+        self.ndmz.error = "; ".join(errors) or None
+        for source, counters in readings.items():
+            self.ndmz.add(source, counters)
+
+    def _tally(self, tally: FirewallTally, source: str, counters, error) -> None:
+        tally.observed_at = self.clock()
+        tally.error = error
+        if error is None:
+            tally.add(source, counters)
+
     def _transitions(self, nr: NRRecord, now: float) -> list[Transition]:
         stale = frozenset(n for n, rec in nr.peers.items() if rec.state(now, self.stale_after) == STALE)
         out = [Transition(nr.network, n, True, f"peer {n}: {nr.peers[n].stale_reason(self.stale_after)}")
@@ -304,6 +380,7 @@ class Snapshot:
             "time": iso_time(now),
             "staleAfterSeconds": self.stale_after,
             "networks": [self.network_view(name, now) for name in sorted(self.networks)],
+            "ndmz": self.ndmz.view(DROP_REASONS, traffic=False) if self.ndmz.read else None,
         }
 
     def network_view(self, name: str, now: float | None = None) -> dict | None:
@@ -329,6 +406,7 @@ class Snapshot:
             "receivedBytes": nr.rx_bytes,
             "sentBytes": nr.tx_bytes,
             "driftRepairs": nr.drift_repairs,
+            "internet": nr.firewall.view(NR_DROP_REASONS, traffic=True) if d and d.ruleset else None,
             "peers": [{
                 "node": rec.node,
                 "publicKey": rec.public_key,

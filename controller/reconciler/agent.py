@@ -79,7 +79,9 @@ class Agent:
         self.store.on_connection = self.telemetry.etcd_connection
         self._started = False  # told telemetry the agent is up (once, when first ready)
         self.observer = Observer(self.snapshot, self.wireguard, on_transition=self.telemetry.peer_transition,
-                                 on_error=lambda _network, _error: self.metrics.observe_errors.inc())
+                                 on_error=lambda _network, _error: self.metrics.observe_errors.inc(),
+                                 nftables=self.nftables,
+                                 ndmz_tables=lambda: self.ndmz.counted_tables() if self.ndmz else [])
         self._reconciled_revision: dict[str, int] = {}  # network -> scope revision its last reconcile read
         self._first_revision = 0  # the node's view of etcd when first listed
         self.metrics.observe_queue(self.queue)

@@ -23,6 +23,7 @@ from controller.dataplane.accounting import counting
 from controller.dataplane.links import DEFAULT_ROUTE, Links, Observation
 from controller.dataplane.netns import netns_exists, sysctl_get
 from controller.dataplane.nftables import Nftables
+from controller.models.nftables import Table
 from controller.planner import names
 from controller.planner.ndmz import DUAL_NIC, DesiredNdmz, UplinkConfig, plan_ndmz
 from controller.planner.plan import NodeContext
@@ -59,6 +60,17 @@ class NdmzReconciler:
     @property
     def netns(self) -> str:
         return self.desired.netns
+
+    def counted_tables(self) -> list[tuple[str, str | None, Table]]:
+        """The tables whose counters the observer reads: (source, namespace, desired table);
+        none before the first pass made them."""
+        if not self.passes:
+            return []
+        d = self.desired
+        tables = [("ndmz", d.netns, d.ruleset)]
+        if d.host_ruleset is not None:
+            tables.append(("host", self.host_netns, d.host_ruleset))
+        return tables
 
     async def reconcile(self) -> float | None:
         started = time.perf_counter()

@@ -7,11 +7,13 @@ from __future__ import annotations
 import base64
 from ipaddress import IPv4Interface, IPv4Network
 
+from controller.dataplane.nftables import RuleCounter, TableCounters
 from controller.dataplane.wireguard.base import DeviceState, PeerState
 from controller.http.metrics import AgentMetrics
 from controller.http.snapshot import Snapshot
 from controller.models.resources import Condition
 from controller.planner.plan import DesiredNR, DesiredPeer
+from controller.planner.rulesets import nr_ruleset
 from controller.store.client import Endpoint
 
 T0 = 1_700_000_000.0
@@ -57,7 +59,13 @@ def plan(network: str, peers: list[str], aggregator: str | None = None) -> Desir
         hidden=False, aggregator=aggregator,
         peers=tuple(DesiredPeer(key(p), f"198.51.100.{i + 12}:51820", (IPv4Network(f"10.1.{i + 2}.0/24"),),
                                 None, p) for i, p in enumerate(peers)),
-        routes=(), workloads=(), issues=())
+        routes=(), workloads=(), issues=(), ruleset=nr_ruleset(IPv4Network("10.1.1.0/24")))
+
+
+def counters(generation: int, **packets: int) -> TableCounters:
+    """A table's counted rules as read: `packets` by what they count (bytes: 100 per packet)."""
+    return TableCounters((1, generation), tuple(RuleCounter(counts, handle, n, 100 * n)
+                                                for handle, (counts, n) in enumerate(packets.items())))
 
 
 def full_metrics(peer_series_limit: int = 100) -> tuple[AgentMetrics, Snapshot, Clock]:
@@ -85,6 +93,15 @@ def full_metrics(peer_series_limit: int = 100) -> tuple[AgentMetrics, Snapshot, 
         clock.t = T0 + step
         snap.observed_device("blue", device((100 * step, 100 * step, clock.t), (0, 100 * step, T0), (0, 0, 0)))
     snap.refreshed_at = clock.t
+    # Internet access: every counted rule read twice (counting starts at the first reading).
+    zero = dict(connections=0, sent=0, received=0, inbound=0, spoofed=0, to_node=0)
+    snap.observed_firewall("blue", counters(1, **zero))
+    snap.observed_firewall("blue", counters(1, connections=3, sent=40, received=50, inbound=7, spoofed=2,
+                                            to_node=1))
+    node_zero = dict(connections=0, inbound=0, spoofed=0, to_node=0, between_networks=0)
+    snap.observed_ndmz({"ndmz": counters(1, **node_zero), "host": counters(1, inbound=0, to_node=0)})
+    snap.observed_ndmz({"ndmz": counters(1, **{**node_zero, "connections": 3, "inbound": 1}),
+                        "host": counters(1, inbound=5, to_node=0)})
     m.reconcile.labels(network="blue", result="converged").inc()
     m.reconcile_duration.labels(network="blue").observe(0.003)
     m.reconcile_failed("blue", TimeoutError())

@@ -150,3 +150,57 @@ def test_normalize_drops_metainfo_handles_and_counter_values():
         {"rule": {"family": "inet", "table": "zmesh", "chain": "input",
                   "expr": [{"counter": None}, {"counter": "named"}, {"drop": None}]}},
     ]
+
+
+# --- counters read back for the metrics -------------------------------------------------------
+
+def set_counter(fake, comment_or_chain: str, packets: int, netns=None) -> None:
+    """Give the rules whose comment (or chain, for uncommented rules) matches a counter value."""
+    for obj in fake.tables[netns][("inet", "zmesh")]:
+        rule = obj.get("rule")
+        if rule and comment_or_chain in (rule.get("comment"), rule["chain"]):
+            for e in rule["expr"]:
+                if "counter" in e:
+                    e["counter"] = {"packets": packets, "bytes": 100 * packets}
+
+
+async def test_counters_are_read_for_the_counted_rules_by_what_they_count():
+    fake, nft = backend()
+    table = nr_ruleset(SUBNET)
+    assert await nft.counters(None, table) is None  # no table yet
+    await nft.ensure(None, table)
+    set_counter(fake, "anti-spoofing: workloads send from their subnet only", 3)
+    set_counter(fake, "postrouting", 5)
+    read = await nft.counters(None, table)
+    got = {(c.counts, c.packets, c.bytes) for c in read.rules}
+    assert got == {("spoofed", 3, 300), ("connections", 5, 500), ("to_node", 0, 0), ("inbound", 0, 0),
+                   ("sent", 0, 0), ("received", 0, 0)}
+    assert sum(c.counts == "inbound" for c in read.rules) == 2  # the diodes of input and forward
+    assert len({c.handle for c in read.rules}) == len(read.rules)
+    assert nft.writes == 1  # reading writes nothing
+
+
+async def test_a_rule_changed_by_hand_is_not_read_and_a_replaced_table_is_a_new_generation():
+    fake, nft = backend()
+    table = nr_ruleset(SUBNET)
+    await nft.ensure(None, table)
+    before = await nft.counters(None, table)
+    spoof = next(o["rule"] for o in fake.tables[None][("inet", "zmesh")]
+                 if o.get("rule", {}).get("comment", "").startswith("anti-spoofing"))
+    spoof["comment"] = "changed by hand"
+    assert "spoofed" not in {c.counts for c in (await nft.counters(None, table)).rules}
+    assert await nft.ensure(None, table) == 1  # the drift repaired: the table made anew
+    after = await nft.counters(None, table)
+    assert after.generation != before.generation
+    assert {c.counts for c in after.rules} == {c.counts for c in before.rules}
+
+
+def test_an_unreadable_counter_listing_is_an_error():
+    table = nr_ruleset(SUBNET)
+    bad = {"nftables": [{"table": {"family": "inet", "name": "zmesh", "handle": 1}},
+                        {"rule": {**table.objects()[5]["rule"], "handle": 7}}]}  # a counted rule
+    bad["nftables"][1]["rule"]["expr"] = [
+        e if e != {"counter": None} else {"counter": {"packets": "many", "bytes": 0}}
+        for e in bad["nftables"][1]["rule"]["expr"]]
+    with pytest.raises(ValueError):
+        nftables.rule_counters(table, bad)

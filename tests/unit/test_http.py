@@ -280,3 +280,45 @@ async def test_server_on_a_busy_port_fails_clearly():
     async with HttpServer(m.registry, Readiness([]), port=0) as first:
         with pytest.raises(OSError):
             await HttpServer(m.registry, Readiness([]), port=first.port).start()
+
+
+class HangingNft:
+    """An nft that never answers its listing."""
+
+    async def __call__(self, netns, args, stdin, timeout):
+        await asyncio.Event().wait()
+
+
+async def test_firewall_counters_are_observed_and_an_nft_that_hangs_is_an_observe_error(monkeypatch):
+    from controller.dataplane import nftables
+    from controller.dataplane.nftables import FakeNft, Nftables
+
+    monkeypatch.setattr(nftables, "netns_exists", lambda ref: True)
+    monkeypatch.setattr(nftables, "namespace_id", lambda ref: 1)
+    snap = Snapshot("n1", stale_after=20, observe_interval=1)
+    desired = plan("blue", ["n2"])
+    snap.planned(desired)
+    fake = FakeNft()
+    nft = Nftables(run=fake)
+    await nft.ensure(desired.netns, desired.ruleset)
+    ndmz = [("ndmz", "ndmz", desired.ruleset)]  # any counted table stands in for the ndmz's here
+    await nft.ensure("ndmz", desired.ruleset)
+    observer = Observer(snap, HangingWireGuard(), read_timeout=0.05, nftables=nft, ndmz_tables=lambda: ndmz)
+    await asyncio.wait_for(observer.refresh_all(), 5)  # the first reading: where counting starts
+    for netns in (desired.netns, "ndmz"):
+        for obj in fake.tables[netns][("inet", "zmesh")]:
+            for e in obj.get("rule", {}).get("expr", []):
+                if "counter" in e:
+                    e["counter"] = {"packets": 2, "bytes": 200}
+    await asyncio.wait_for(observer.refresh_all(), 5)
+    fw = snap.networks["blue"].firewall
+    assert fw.packets["spoofed"] == 2 and fw.packets["inbound"] == 4 and fw.bytes["sent"] == 200
+    assert snap.ndmz.packets["connections"] == 2 and snap.ndmz.error is None
+
+    errors = []
+    hung = Observer(snap, HangingWireGuard(), read_timeout=0.05, nftables=Nftables(run=HangingNft()),
+                    ndmz_tables=lambda: ndmz, on_error=lambda n, e: errors.append((n, e)))
+    await asyncio.wait_for(hung.refresh_all(), 5)
+    assert ("blue", "no answer within 0.05 s") in errors and ("", "no answer within 0.05 s") in errors
+    assert fw.error == "no answer within 0.05 s" and snap.ndmz.error == "ndmz: no answer within 0.05 s"
+    assert fw.packets["spoofed"] == 2  # nothing lost, nothing invented

@@ -2,15 +2,18 @@
 WireGuard really does (a handshake only every 2 minutes and only with traffic; any received
 data answered within 10 s). A fake clock; devices are plain DeviceState values."""
 
+import dataclasses
 from ipaddress import IPv4Interface, IPv4Network
 
 import pytest
 
+from controller.dataplane.nftables import RuleCounter, TableCounters
 from controller.dataplane.wireguard.base import DeviceState, PeerState
 from controller.http.snapshot import (
     IDLE, PENDING, REJECT_AFTER_TIME, STALE, UP, Snapshot, min_stale_after,
 )
 from controller.planner.plan import HIDDEN_KEEPALIVE, DesiredNR, DesiredPeer
+from controller.planner.rulesets import nr_ruleset
 
 STALE_AFTER = 30.0
 
@@ -254,3 +257,63 @@ def test_the_view_has_peers_states_and_no_private_key(snap, clock):
     assert net["name"] == "blue" and net["publicKey"] == key("self")
     assert [(p["node"], p["state"], p["handshakeAgeSeconds"]) for p in net["peers"]] == [("n2", UP, 0.0)]
     assert "private" not in repr(view).lower()
+
+
+# --- nftables counters: monotonic across table replacements ------------------------------------
+
+def table(generation, **packets):
+    """A table's counted rules as read: {counts: packets} (bytes 10 per packet), handles 1.. in order."""
+    return TableCounters((7, generation), tuple(RuleCounter(counts, handle, n, 10 * n)
+                                                for handle, (counts, n) in enumerate(packets.items(), 1)))
+
+
+def with_ruleset(d):
+    return dataclasses.replace(d, ruleset=nr_ruleset(IPv4Network("10.1.1.0/24")))
+
+
+def test_firewall_counters_start_at_the_first_reading_and_survive_a_replaced_table(snap):
+    snap.planned(with_ruleset(plan(peer("n2"))))
+    fw = snap.networks["blue"].firewall
+    snap.observed_firewall("blue", table(1, connections=50, spoofed=4))  # before this agent: not counted
+    assert fw.packets == {"connections": 0, "spoofed": 0}
+    snap.observed_firewall("blue", table(1, connections=53, spoofed=4))
+    assert fw.packets["connections"] == 3 and fw.bytes["connections"] == 30
+    # The agent replaced the table (drift repaired): same rule handles, counters from zero, a
+    # new table handle. What it counted since is added, nothing is subtracted.
+    snap.observed_firewall("blue", table(2, connections=2, spoofed=1))
+    assert fw.packets == {"connections": 5, "spoofed": 1}
+    # Even when the new table's counters have passed the old ones before we look.
+    snap.observed_firewall("blue", table(3, connections=90, spoofed=1))
+    assert fw.packets == {"connections": 95, "spoofed": 2}
+    # Reset in place (`nft reset counters`): what it counted since.
+    snap.observed_firewall("blue", table(3, connections=1, spoofed=1))
+    assert fw.packets == {"connections": 96, "spoofed": 2}
+
+
+def test_a_table_made_after_the_first_reading_counts_from_zero_and_errors_keep_the_totals(snap):
+    snap.planned(with_ruleset(plan(peer("n2"))))
+    snap.observed_firewall("blue", None)  # the NR has no table yet
+    snap.observed_firewall("blue", table(1, inbound=6))
+    fw = snap.networks["blue"].firewall
+    assert fw.packets == {"inbound": 6}
+    snap.observed_firewall("blue", None, error="nft did not answer")
+    assert fw.packets == {"inbound": 6} and fw.error == "nft did not answer"
+    snap.observed_firewall("blue", table(1, inbound=8))
+    assert fw.packets == {"inbound": 8} and fw.error is None
+    view = snap.network_view("blue")["internet"]
+    assert view["droppedPackets"] == {"inbound": 8, "spoofed": 0, "to_node": 0}
+    assert (view["connections"], view["sentBytes"], view["receivedBytes"]) == (0, 0, 0)
+
+
+def test_the_ndmz_counts_its_tables_apart_and_an_nr_without_ruleset_has_no_internet_view(snap):
+    assert snap.view()["ndmz"] is None
+    snap.observed_ndmz({"ndmz": table(1, inbound=1), "host": table(1, inbound=2)})
+    snap.observed_ndmz({"ndmz": table(1, inbound=4), "host": table(1, inbound=2)})
+    # both tables have handle 1: kept apart by their source
+    snap.observed_ndmz({"ndmz": table(1, inbound=5)}, ["host: nft failed"])
+    assert snap.ndmz.packets == {"inbound": 4}
+    assert snap.view()["ndmz"]["observeError"] == "host: nft failed"
+    snap.observed_ndmz({"ndmz": table(1, inbound=5), "host": table(1, inbound=3)})
+    assert snap.view()["ndmz"]["droppedPackets"]["inbound"] == 5
+    snap.planned(plan(peer("n2")))
+    assert snap.network_view("blue")["internet"] is None
