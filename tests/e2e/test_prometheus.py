@@ -4,8 +4,10 @@ rules is evaluated through its HTTP API: none errors, and each one that should h
 
 The world is made to have something to show: one peer whose WireGuard UDP is dropped while
 traffic goes to it (a stale peer), a listen port taken by another program (a reconcile error
-the agent then works around: the error series exist), an aggregator in the spec, and a scrape
-target where no agent answers (an agent that is down)."""
+the agent then works around: the error series exist), an aggregator in the spec, workloads
+using the Internet host (NAT counters), a workload sending from an address not its own and
+SYNs from the Internet host toward a node's ndmz (firewall drops), and a scrape target where
+no agent answers (an agent that is down)."""
 
 from __future__ import annotations
 
@@ -20,11 +22,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from internetlib import answered, ping_from
 from meshlib import (
     OBSERVE_FAST, network_manifest, pinging, running_mesh, wait_until, wireguard_udp_dropped, workload_manifest,
 )
 
 from controller.sim.etcd import free_port
+from controller.sim.world import INTERNET_HOST, run_ip_batch
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
@@ -154,6 +158,25 @@ async def test_a_real_prometheus_evaluates_every_dashboard_and_alert_expression_
                                      capture_output=True, text=True, timeout=60)
                 assert (res.returncode, res.stdout + res.stderr) == (0, ""), node
 
+            # Internet traffic once Prometheus scrapes (an increase needs two samples): every
+            # workload's request masqueraded, spoofed packets from w1, SYNs from the Internet
+            # host toward n1's ndmz link dropped by n1's host chains.
+            def scraped(expr):
+                r = prometheus.query(expr)
+                return r["status"] == "success" and r["data"]["result"]
+            wait_until(lambda: scraped('count(zmesh_firewall_dropped_packets_total) >= 9'), 60, interval=1,
+                       what="Prometheus scraping the firewall counters of every agent")
+            for w in IPS:
+                assert world.http_get(mesh.workload_ns(w)) is not None, w
+            run_ip_batch(mesh.workload_ns("w1"), ["addr add 192.0.2.99/32 dev lo"])
+            assert not any([ping_from(mesh.workload_ns("w1"), "192.0.2.99", str(INTERNET_HOST)) for _ in range(3)])
+            run_ip_batch(world.inet, [f"route add 100.64.0.0/10 via {world.nodes['n1'].ipv4}"])
+            assert answered(world.ihost, ["100.127.255.254"], world.python) == set()
+            for expr in ('zmesh_internet_connections_total{instance="n3"} > 0',
+                         'zmesh_firewall_dropped_packets_total{instance="n1", reason="spoofed"} > 0',
+                         'zmesh_ndmz_dropped_packets_total{instance="n1", reason="inbound"} > 0'):
+                wait_until(lambda: scraped(expr), 60, interval=1, what=f"Prometheus seeing {expr}")
+
             port = (await mesh.wg_device("n3", "blue")).listen_port
             with wireguard_udp_dropped(mesh, "n3", port), pinging(mesh, "w1", IPS["w3"]):
                 def stale_seen():
@@ -185,7 +208,7 @@ async def test_a_real_prometheus_evaluates_every_dashboard_and_alert_expression_
                         if not r["data"]["result"]:
                             no_data.append(f"{alert}: {name}{labels}")
                 assert not no_data, no_data
-                met_here = {"ZmeshAgentDown", "ZmeshPeerHandshakeStale"}
+                met_here = {"ZmeshAgentDown", "ZmeshPeerHandshakeStale", "ZmeshSpoofedTraffic"}
                 assert not met_here & {w for w, _ in empty}, empty
 
                 # Prometheus itself loaded and evaluated the shipped rules without an error, and
@@ -197,8 +220,9 @@ async def test_a_real_prometheus_evaluates_every_dashboard_and_alert_expression_
                 def alerts_pending():
                     alerts = prometheus.api("alerts")["data"]["alerts"]
                     return {(a["labels"]["alertname"], a["labels"].get("instance")) for a in alerts}
-                seen = wait_until(lambda: {("ZmeshAgentDown", "gone"), ("ZmeshPeerHandshakeStale", "n1")}
-                                  <= alerts_pending() and alerts_pending(), 30, what="the alerts pending")
+                seen = wait_until(lambda: {("ZmeshAgentDown", "gone"), ("ZmeshPeerHandshakeStale", "n1"),
+                                           ("ZmeshSpoofedTraffic", "n1")}
+                                  <= alerts_pending() and alerts_pending(), 30, what="the alerts pending or firing")
                 assert ("ZmeshAgentDown", "n1") not in seen
         finally:
             squatter.close()
