@@ -23,6 +23,7 @@ applies the same JSON commands and lists them back like nft does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import os
@@ -60,12 +61,22 @@ async def exec_nft(netns: str | None, args: list[str], stdin: str | None,
         stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(proc.communicate(stdin.encode() if stdin else None), timeout)
-    except (asyncio.TimeoutError, asyncio.CancelledError):
-        proc.kill()
-        await proc.wait()
+    except asyncio.TimeoutError:
+        await _stop(proc)
         raise NftError(f"nft {' '.join(args[:3])} in {netns or 'own netns'} did not finish "
                        f"within {timeout:g} s") from None
+    except asyncio.CancelledError:
+        # Our caller gave up (a stopping agent, the observer's read timeout): a cancellation,
+        # not an nft failure that a reconcile would publish as its status.
+        await _stop(proc)
+        raise
     return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+async def _stop(proc) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it may have exited meanwhile
+        proc.kill()
+    await proc.wait()
 
 
 # --- pure: normalise a listing, decide what to run ----------------------------------------------

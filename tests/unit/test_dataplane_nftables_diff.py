@@ -204,3 +204,21 @@ def test_an_unreadable_counter_listing_is_an_error():
         for e in bad["nftables"][1]["rule"]["expr"]]
     with pytest.raises(ValueError):
         nftables.rule_counters(table, bad)
+
+
+async def test_an_nft_run_that_is_cancelled_stays_a_cancellation_and_one_past_its_timeout_is_an_error(monkeypatch):
+    import asyncio
+    import shutil
+
+    # `sleep` stands in for an nft that does not answer (root-free); no namespace: our own.
+    monkeypatch.setattr(nftables, "_nft_binary", lambda: shutil.which("sleep"))
+    with pytest.raises(NftError, match="did not finish within 0.2 s"):
+        await nftables.exec_nft(None, ["30"], None, 0.2)
+    task = asyncio.create_task(nftables.exec_nft(None, ["30"], None, 30))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task  # a stopping agent's reconcile is not an nft failure it would publish
+    # The observer's read timeout cancels the run too: a timeout, never a misleading NftError.
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(nftables.exec_nft(None, ["30"], None, 30), 0.2)
