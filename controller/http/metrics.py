@@ -86,8 +86,12 @@ class _SnapshotCollector(Collector):
         agg = GaugeMetricFamily("zmesh_aggregator_info", "The aggregator in effect for a network (always 1)",
                                 labels=["network", "aggregator"])
         agg_changes = CounterMetricFamily("zmesh_aggregator_changes",
-                                          "Times the aggregator in effect for a network changed (failovers)",
+                                          "Times the aggregator in effect for a network changed",
                                           labels=["network"])
+        agg_failovers = CounterMetricFamily("zmesh_aggregator_failovers",
+                                            "Aggregator changes that left one for a less preferred "
+                                            "candidate or none (not a move back to a preferred one)",
+                                            labels=["network"])
         nat = CounterMetricFamily("zmesh_internet_connections",
                                   "Connections of the network masqueraded out of its NR's public leg "
                                   "(counted by the NAT rule, which sees each connection's first packet)",
@@ -122,6 +126,7 @@ class _SnapshotCollector(Collector):
             tx.add_metric([name], nr.tx_bytes)
             drift.add_metric([name], nr.drift_repairs)
             agg_changes.add_metric([name], nr.aggregator_changes)
+            agg_failovers.add_metric([name], nr.aggregator_failovers)
             if nr.desired.aggregator:
                 agg.add_metric([name, nr.desired.aggregator], 1)
             per_peer += [(states[n] != STALE, name, n, rec, states[n]) for n, rec in nr.peers.items()]
@@ -154,7 +159,7 @@ class _SnapshotCollector(Collector):
                                         "Seconds since the observer last finished reading every NR")
         if snap.refreshed_at:
             observe_age.add_metric([], max(0.0, now - snap.refreshed_at))
-        yield from (peers, stale, oldest, rx, tx, cond, drift, agg, agg_changes, nat, inet_tx, inet_rx, dropped,
+        yield from (peers, stale, oldest, rx, tx, cond, drift, agg, agg_changes, agg_failovers, nat, inet_tx, inet_rx, dropped,
                     age, pstale, prx, ptx, omitted, observe_age)
         if snap.ndmz.read:  # the node's ndmz (and its host chains), once read
             ndmz_nat = CounterMetricFamily("zmesh_ndmz_connections",

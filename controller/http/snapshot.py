@@ -183,6 +183,7 @@ class NRRecord:
     conditions: tuple[Condition, ...] = ()
     drift_repairs: int = 0
     aggregator_changes: int = 0
+    aggregator_failovers: int = 0  # the changes that left an aggregator for a less preferred one
     stale: frozenset[str] = frozenset()  # peers stale at the last observation
     firewall: FirewallTally = field(default_factory=FirewallTally)  # the NR's own table
 
@@ -217,14 +218,18 @@ class Snapshot:
 
     def planned(self, desired: DesiredNR) -> bool:
         """The reconciler's latest plan of an NR: which peers there should be. True when the
-        aggregator in effect was replaced or lost (a failover); the first one being chosen (a
-        new NR, or after none was usable) is not a change."""
+        aggregator in effect was replaced or lost; the first one being chosen (a new NR, or after
+        none was usable) is not a change. A change is a failover unless it moves to a candidate
+        preferred to the old one (a recovered one after its hold-down, or at start-up the
+        preferred one publishing its facts after the NR had settled for another)."""
         nr = self._nr(desired.network)
         now = self.clock()
         before = nr.desired.aggregator if nr.desired is not None else None
         changed = before is not None and before != desired.aggregator
         if changed:
             nr.aggregator_changes += 1
+            if not _moves_to_a_preferred_candidate(before, desired):
+                nr.aggregator_failovers += 1
         nr.desired = desired
         # A hidden peer calls its aggregator with a keepalive (plan.HIDDEN_KEEPALIVE); the
         # aggregator sees it as a peer without an endpoint.
@@ -425,3 +430,9 @@ class Snapshot:
 def iso_time(t: float) -> str:
     """Unix time as RFC 3339 UTC, to the second."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _moves_to_a_preferred_candidate(before: str, desired: DesiredNR) -> bool:
+    order = [c.node for c in desired.choice.candidates] if desired.choice else []
+    return (desired.aggregator in order and before in order
+            and order.index(desired.aggregator) < order.index(before))

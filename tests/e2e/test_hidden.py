@@ -147,8 +147,10 @@ def wait_failover(mesh, deciders, new: str, reach, timeout: float = 40) -> float
     return time.monotonic() - started
 
 
-def aggregator_changes(mesh, nodes) -> dict[str, float]:
-    return {n: mesh.metric_sum(n, "zmesh_aggregator_changes_total", network="blue") for n in nodes}
+def aggregator_changes(mesh, nodes) -> dict[str, tuple[float, float]]:
+    """Each node's (changes, failovers) of blue's aggregator so far."""
+    return {n: (mesh.metric_sum(n, "zmesh_aggregator_changes_total", network="blue"),
+                mesh.metric_sum(n, "zmesh_aggregator_failovers_total", network="blue")) for n in nodes}
 
 
 def assert_the_operator_sees_the_failover(mesh, nodes, old: str, new: str, changes_before: dict,
@@ -161,7 +163,9 @@ def assert_the_operator_sees_the_failover(mesh, nodes, old: str, new: str, chang
         text = mesh.metrics_text(n)
         assert metric_total(text, "zmesh_aggregator_info", network="blue", aggregator=new) == 1, n
         assert metric_total(text, "zmesh_aggregator_info", network="blue", aggregator=old) == 0, n
-        assert metric_total(text, "zmesh_aggregator_changes_total", network="blue") == changes_before[n] + 1, n
+        changes, failovers = changes_before[n]
+        assert metric_total(text, "zmesh_aggregator_changes_total", network="blue") == changes + 1, n
+        assert metric_total(text, "zmesh_aggregator_failovers_total", network="blue") == failovers + 1, n
         status = mesh.aggregator_status(n, "blue")
         assert status["reason"] == "FailedOver", (n, status)
         # lastSwitchTime is to the second

@@ -230,6 +230,8 @@ async def test_moving_the_aggregator_is_counted_and_recorded_and_hidden_peers_st
         wait_until(lambda: mesh.metric_sum(node, "zmesh_aggregator_info", network="blue", aggregator="n2") == 1,
                    30, what=f"{node} using aggregator n2")
         assert mesh.metric_sum(node, "zmesh_aggregator_changes_total", network="blue") == 1
+        # n1 is no candidate any more: leaving it is a failover (a move to a preferred one is not)
+        assert mesh.metric_sum(node, "zmesh_aggregator_failovers_total", network="blue") == 1
     wait_until(lambda: peer_state(mesh, "n2", "h1") == "up", 30, what="h1 up at its new aggregator")
 
     def recorded():

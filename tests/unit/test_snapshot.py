@@ -12,6 +12,7 @@ from controller.dataplane.wireguard.base import DeviceState, PeerState
 from controller.http.snapshot import (
     IDLE, PENDING, REJECT_AFTER_TIME, STALE, UP, Snapshot, min_stale_after,
 )
+from controller.planner.aggregator import AggregatorChoice, Candidate
 from controller.planner.plan import HIDDEN_KEEPALIVE, DesiredNR, DesiredPeer
 from controller.planner.rulesets import nr_ruleset
 
@@ -246,6 +247,23 @@ def test_an_aggregator_replaced_or_lost_is_a_change_the_first_one_chosen_is_not(
     assert [snap.planned(plan(aggregator=a)) for a in (None, "p1", "p1", "p2", None, "p1")] == [
         False, False, False, True, True, False]
     assert snap.networks["blue"].aggregator_changes == 2
+
+
+def chosen(aggregator, *order):
+    """A plan whose choice ranked the candidates `order` and took `aggregator`."""
+    choice = AggregatorChoice(aggregator, "FailedOver" if order[0] != aggregator else "Preferred", "",
+                              tuple(Candidate(n, True) for n in order))
+    return dataclasses.replace(plan(aggregator=aggregator), choice=choice)
+
+
+def test_a_failover_leaves_for_a_less_preferred_candidate_a_move_back_is_no_failover(snap):
+    snap.planned(chosen("p2", "p1", "p2"))  # at start-up p1 had not published its facts yet
+    snap.planned(chosen("p1", "p1", "p2"))  # now it has: back to the preferred one
+    assert (snap.networks["blue"].aggregator_changes, snap.networks["blue"].aggregator_failovers) == (1, 0)
+    snap.planned(chosen("p2", "p1", "p2"))  # p1 died
+    snap.planned(chosen("p3", "p3"))        # re-applied with aggregators [p3]: p2 is no candidate
+    snap.planned(chosen(None, "p3"))        # and p3 died too
+    assert (snap.networks["blue"].aggregator_changes, snap.networks["blue"].aggregator_failovers) == (4, 3)
 
 
 def test_the_view_has_peers_states_and_no_private_key(snap, clock):
