@@ -220,7 +220,14 @@ class Agent:
             requeue = await self.reconciler.reconcile(network)
         finally:
             self.observer.poke(network)  # the numbers right after a change, not a period later
-        self._reconciled_revision[network] = revision
+        if network not in self._all_networks():  # gone for good: nothing left to lag behind
+            self._reconciled_revision.pop(network, None)
+            self.scope.changed.pop(network, None)
+        elif not self.queue.queued(network):
+            # Watches deliver independently: a change at an older revision than `revision` may
+            # have arrived during this reconcile. The run it queued acts on it; only once no run
+            # is queued has everything up to `revision` been acted on.
+            self._reconciled_revision[network] = revision
         return requeue
 
     # --- read at scrape time (memory only) -------------------------------------------------------
@@ -256,7 +263,10 @@ class Agent:
             "readiness": reason,
             "wireguardBackend": self.wireguard.kind,
             "etcd": {"connected": self.store.connected, "endpoint": str(self.store.endpoint),
-                     "revision": self.store.revision, "revisionLag": self.revision_lag()},
+                     "revision": self.store.revision, "revisionLag": self.revision_lag(),
+                     # Per network, the etcd revision of the view its last finished reconcile
+                     # read: every change up to it has been acted on.
+                     "reconciledRevisions": dict(sorted(self._reconciled_revision.items()))},
             "events": [e.model_dump(mode="json", exclude_none=True) for e in self.events.recent(None)],
         }
 

@@ -170,6 +170,11 @@ class WorkQueue(Generic[K]):
         now = time.monotonic()
         return max((now - t for t in self._started.values()), default=0.0)
 
+    def queued(self, key: K) -> bool:
+        """Whether `key` waits to be processed, also if it was added while being processed (it
+        runs again then); a delayed key is not queued until its delay is over."""
+        return key in self._dirty
+
     @property
     def processing(self) -> frozenset[K]:
         return frozenset(self._processing)

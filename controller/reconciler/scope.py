@@ -186,12 +186,14 @@ class NodeScope:
         if not key.startswith(mesh):
             return  # our status: written by us, read by people
         kind, _, network = key[len(mesh):].partition("/")
+        # Our own facts and verdicts feed our plan (the aggregator choice) like a peer's: the
+        # change is remembered too, so the revision lag counts it until it is reconciled.
         if kind in ("facts", "verdicts") and network:
             if network in self._specs:
-                self.on_network(network)
+                self._notify(network, self.own.cache)
         else:
             for network in sorted(self._specs):
-                self.on_network(network)
+                self._notify(network, self.own.cache)
 
     def _workload_changed(self, name: str) -> None:
         """Look again at the network the workload names now and the one it named before."""

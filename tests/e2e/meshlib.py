@@ -133,6 +133,20 @@ class Mesh:
         kvs = json.loads(self.etcdctl("get", key, "-w", "json").stdout).get("kvs") or []
         return kvs[0]["mod_revision"] if kvs else 0
 
+    def newest_revision(self, *prefixes: str) -> int:
+        """The newest mod_revision of any key under `prefixes` (0: none)."""
+        revisions = [kv["mod_revision"] for p in prefixes
+                     for kv in json.loads(self.etcdctl("get", "--prefix", p, "-w", "json").stdout).get("kvs") or []]
+        return max(revisions, default=0)
+
+    def wait_reconciled(self, network: str, nodes, revision: int, timeout: float = 20) -> None:
+        """Wait until each of `nodes` has finished a reconcile of `network` that read etcd at
+        `revision` or later (its /status etcd.reconciledRevisions)."""
+        def done(node: str) -> bool:
+            return self.get_json(node, "/status")["etcd"]["reconciledRevisions"].get(network, 0) >= revision
+        wait_until(lambda: all(done(n) for n in nodes), timeout,
+                   what=f"{', '.join(nodes)} reconciled {network} at revision {revision}")
+
     def nr_status(self, node_id: str, network: str) -> dict | None:
         return self.etcd_json(f"/zmesh/v1/nodes/{node_id}/status/networks/{network}")
 

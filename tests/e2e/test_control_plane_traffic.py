@@ -52,11 +52,13 @@ async def test_a_condition_change_on_one_node_causes_no_reconcile_on_the_others(
         wait_until(lambda: _degraded(_status(mesh, "n1", "blue")).get("status") == "False", 15,
                    what="n1 converged")
         # Each node's first probe verdict on the other (with `aggregators` empty both are
-        # candidate aggregators) wakes the other once: count only after both are published and
-        # each node has reconciled every change that concerns it.
-        wait_until(lambda: all(mesh.etcd_json(f"/zmesh/v1/nodes/{n}/mesh/verdicts/blue")
-                               and mesh.metric_sum(n, "zmesh_etcd_revision_lag") == 0 for n in ("n1", "n2")),
-                   15, what="both nodes' probe verdicts published and reconciled")
+        # candidate aggregators) wakes both once: count only after both are published and each
+        # node has finished the reconcile that read them (and every other mesh key of both).
+        wait_until(lambda: all(mesh.etcd_json(f"/zmesh/v1/nodes/{n}/mesh/verdicts/blue") for n in ("n1", "n2")),
+                   15, what="both nodes' probe verdicts published")
+        mesh_keys = ("/zmesh/v1/nodes/n1/mesh/", "/zmesh/v1/nodes/n2/mesh/")
+        settled = mesh.newest_revision(*mesh_keys)
+        mesh.wait_reconciled("blue", ("n1", "n2"), settled)
         before_n2 = _reconciles(mesh, "n2", "blue")
         before_n1 = _reconciles(mesh, "n1", "blue")
 
@@ -69,7 +71,12 @@ async def test_a_condition_change_on_one_node_causes_no_reconcile_on_the_others(
         # which each re-published its status, before looking at n2.
         wait_until(lambda: _reconciles(mesh, "n1", "blue") >= before_n1 + 3, 15,
                    what="n1 reconciling again")
-        assert _reconciles(mesh, "n2", "blue") == before_n2
+        after_n2 = _reconciles(mesh, "n2", "blue")
+        # On failure, what else n2 may have reacted to: mesh keys written since, and its events.
+        assert after_n2 == before_n2, (
+            f"n2 reconciled blue {after_n2 - before_n2:g} more time(s); mesh keys newer than {settled}: "
+            f"{mesh.newest_revision(*mesh_keys)}; n2's events: "
+            f"{[(e['reason'], e['message']) for e in mesh.get_json('n2', '/status')['events']]}")
         assert all(mesh.matrix({"w1": "10.1.1.10", "w2": "10.1.2.10"}).values())
 
 

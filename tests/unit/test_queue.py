@@ -38,6 +38,22 @@ async def test_done_without_new_add_does_not_requeue():
     assert len(q) == 0
 
 
+async def test_queued_says_whether_a_key_will_be_handed_out_again():
+    q = WorkQueue()
+    assert not q.queued("blue")
+    q.add("blue")
+    assert q.queued("blue")
+    key = await q.get()
+    assert not q.queued("blue")  # being processed, nothing new
+    q.add("blue")
+    assert q.queued("blue")  # added meanwhile: it runs again after done()
+    q.done(key)
+    q.done(await q.get())
+    q.add_after("blue", 60)
+    assert not q.queued("blue")  # only once the delay is over
+    q.shutdown()
+
+
 async def test_get_waits_for_a_key():
     q = WorkQueue()
     getter = asyncio.create_task(q.get())
