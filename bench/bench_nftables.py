@@ -10,7 +10,9 @@ For every fresh namespace (half of them get the NR ruleset, half the ndmz's):
 2. converged pass: `ensure()` again (one listing, zero writes) — the baseline has no way to know
    it is converged short of listing and parsing too, so only ours is shown;
 3. one rule changed by hand: `ensure()` (listing, one transaction replacing the table) vs the
-   baseline deleting and re-adding that one rule (two processes, knowing which one changed).
+   baseline deleting and re-adding that one rule (two processes, knowing which one changed);
+4. reading the counters of the table's counted rules: `Nftables.counters()` (what the observer
+   does every interval) vs `nft -j list table` alone, its output parsed as JSON (no matching).
 Also the seed's literal "rules NR" (three rules, plus the two tables and chains they need).
 
 Prints medians and ratios (baseline / ours: > 1 means ours is faster). Not part of the tests.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import secrets
 import statistics
@@ -85,7 +88,8 @@ async def measure(n: int, rounds: int) -> None:
     rules = statistics.mean(t.rule_count() for t in tables)
     sfx = secrets.token_hex(3)
     samples: dict[str, list[float]] = {k: [] for k in ("apply", "apply-base", "converged", "change",
-                                                       "change-base", "seed")}
+                                                       "change-base", "seed", "counters",
+                                                       "counters-base")}
     backend = Nftables()
     for r in range(rounds):
         ours_ns = [f"zbn{sfx}o{r}-{i}" for i in range(n)]
@@ -121,6 +125,13 @@ async def measure(n: int, rounds: int) -> None:
                 nft_each(base_ns[i], [f"delete rule inet zmesh {chain.name} handle {handle}",
                                       f"add rule inet zmesh {chain.name} {chain.rules[-1].text()}"])
                 samples["change-base"].append(time.perf_counter() - t)
+            for i in range(n):  # the table as it is now in both (the change repaired)
+                t = time.perf_counter()
+                assert await backend.counters(ours_ns[i], tables[i]) is not None
+                samples["counters"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                json.loads(nft_once(base_ns[i], "-j", "list", "table", "inet", "zmesh"))
+                samples["counters-base"].append(time.perf_counter() - t)
         finally:
             for ns in ours_ns + base_ns + seed_ns:
                 await delete_netns(ns)
@@ -130,8 +141,10 @@ async def measure(n: int, rounds: int) -> None:
     row("  vs the seed's 'rules NR' alone (3 rules, 2 tables+chains)", med["apply"], med["seed"])
     row("converged pass (one listing, zero writes)", med["converged"], None)
     row("one rule changed by hand, repaired", med["change"], med["change-base"])
+    row("read the counters of the counted rules", med["counters"], med["counters-base"])
     print("  baseline: one `nsenter ... nft add ...` process per table, chain and rule (the seed's way);")
-    print("  the change baseline is told which rule changed and only lists the chain, deletes and re-adds it")
+    print("  the change baseline is told which rule changed and only lists the chain, deletes and re-adds it;")
+    print("  the counters baseline is `nsenter ... nft -j list table inet zmesh` and json.loads, no matching")
 
 
 def main() -> None:
