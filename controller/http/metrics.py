@@ -159,8 +159,14 @@ class _SnapshotCollector(Collector):
                                         "Seconds since the observer last finished reading every NR")
         if snap.refreshed_at:
             observe_age.add_metric([], max(0.0, now - snap.refreshed_at))
+        # The node's ndmz is built at start: its repairs are counted from 0, so the first one is
+        # an increase() in Prometheus (a series that appears at 1 shows none).
+        ndmz_drift = CounterMetricFamily("zmesh_ndmz_drift_repairs",
+                                         "ndmz passes that wrote to the kernel although the ndmz had been "
+                                         "built as planned: someone or something had changed it")
+        ndmz_drift.add_metric([], snap.ndmz_drift_repairs)
         yield from (peers, stale, oldest, rx, tx, cond, drift, agg, agg_changes, agg_failovers, nat, inet_tx, inet_rx, dropped,
-                    age, pstale, prx, ptx, omitted, observe_age)
+                    age, pstale, prx, ptx, omitted, observe_age, ndmz_drift)
         if snap.ndmz.read:  # the node's ndmz (and its host chains), once read
             ndmz_nat = CounterMetricFamily("zmesh_ndmz_connections",
                                            "Connections of the node's NRs masqueraded out of the ndmz's uplink")

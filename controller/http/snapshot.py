@@ -209,6 +209,7 @@ class Snapshot:
         self.clock = clock
         self.networks: dict[str, NRRecord] = {}
         self.ndmz = FirewallTally()  # the ndmz's table and, single NIC, ours in the host
+        self.ndmz_drift_repairs = 0  # ndmz passes that wrote back what was changed outside the agent
         self.refreshed_at = 0.0  # end of the observer's last pass over every network
 
     def _nr(self, network: str) -> NRRecord:
@@ -264,6 +265,15 @@ class Snapshot:
         drift = bool(ok and kernel_writes and nr.applied is not None and nr.applied == nr.desired)
         nr.drift_repairs += drift
         nr.applied = nr.desired if ok else None
+        return drift
+
+    def ndmz_passed(self, *, writes: int, baseline: bool) -> bool:
+        """An ndmz pass converged with `writes` kernel writes; `baseline`: the pass before
+        converged too, so the plan was in place and writes now mean the ndmz (its namespace,
+        links, routes, its table or ours in the host) had been changed outside the agent.
+        Returns True for such a drift repair."""
+        drift = bool(baseline and writes)
+        self.ndmz_drift_repairs += drift
         return drift
 
     def status(self, network: str, generation: int, conditions: Iterable[Condition]) -> None:
@@ -385,7 +395,8 @@ class Snapshot:
             "time": iso_time(now),
             "staleAfterSeconds": self.stale_after,
             "networks": [self.network_view(name, now) for name in sorted(self.networks)],
-            "ndmz": self.ndmz.view(DROP_REASONS, traffic=False) if self.ndmz.read else None,
+            "ndmz": self.ndmz.view(DROP_REASONS, traffic=False) | {"driftRepairs": self.ndmz_drift_repairs}
+            if self.ndmz.read else None,
         }
 
     def network_view(self, name: str, now: float | None = None) -> dict | None:

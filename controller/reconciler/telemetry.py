@@ -143,10 +143,11 @@ class Telemetry:
     def ndmz_passed(self, netns: str, *, created: bool, writes: int, baseline: bool, rebuilt: bool,
                     failed: str | None) -> None:
         """An ndmz pass converged. `baseline`: the pass before converged too, so writes now mean
-        the ndmz was changed outside the agent; `failed`: why the pass before failed, if it did."""
+        the ndmz was changed outside the agent (counted, and an event; a namespace made again is
+        such a repair too); `failed`: why the pass before failed, if it did."""
         if created:
             self._event(None, NORMAL, "NdmzCreated", f"ndmz {netns} created")
-        elif baseline and writes:
+        if self.snapshot.ndmz_passed(writes=writes, baseline=baseline):
             legs = "; its bridge was gone: every NR's public leg is made again" if rebuilt else ""
             self._event(None, WARNING, "NdmzDriftRepaired", f"ndmz {netns}: {writes} kernel change(s) "
                         f"written back: it had been changed outside the agent{legs}")

@@ -25,6 +25,8 @@ from meshlib import (
     OBSERVE_FAST, network_manifest, pinging, running_mesh, wait_until, wireguard_udp_dropped, workload_manifest,
 )
 
+from controller.planner import names
+
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.etcd]
 
 SUBNETS = {"n1": "10.1.1.0/24", "n2": "10.1.2.0/24", "n3": "10.1.3.0/24", "h1": "10.1.11.0/24"}
@@ -268,10 +270,23 @@ async def test_the_agent_etcd_outages_the_lease_the_ndmz_and_a_refused_network_a
     mesh.world.start_agent("n1")
     node_event(mesh, "n1", "AgentStarted", "1 network resource(s), 1 adopted from the last run, 0 created")
 
-    # Someone deletes the ndmz's firewall: written back, and said so.
-    ndmz = f"{mesh.world.nodes['n1'].name_prefix}zmndmz"
+    # Someone deletes the ndmz's firewall, then sets its bridge down: each written back, counted
+    # for the operator's alerts, and said so.
+    ndmz = names.ndmz_netns(mesh.world.nodes["n1"].name_prefix)
+    wait_until(lambda: mesh.get_json("n1", "/status")["ndmz"], 30, what="n1's ndmz built and read")
+    repairs = mesh.metric_sum("n1", "zmesh_ndmz_drift_repairs_total")
     subprocess.run(["ip", "netns", "exec", ndmz, "nft", "delete", "table", "inet", "zmesh"], check=True)
     node_event(mesh, "n1", "NdmzDriftRepaired", "written back: it had been changed outside the agent")
+    assert mesh.metric_sum("n1", "zmesh_ndmz_drift_repairs_total") == repairs + 1
+    subprocess.run(["ip", "-n", ndmz, "link", "set", names.NDMZ_BRIDGE, "down"], check=True)
+    wait_until(lambda: mesh.metric_sum("n1", "zmesh_ndmz_drift_repairs_total") == repairs + 2, 30,
+               interval=0.3, what="the ndmz's bridge set up again and counted")
+    bridge = subprocess.run(["ip", "-n", ndmz, "-j", "link", "show", names.NDMZ_BRIDGE],
+                            capture_output=True, text=True, check=True).stdout
+    assert "UP" in json.loads(bridge)[0]["flags"]
+    assert mesh.get_json("n1", "/status")["ndmz"]["driftRepairs"] == repairs + 2
+    wait_until(lambda: sum(int(x.split()[3]) for x in node_events(mesh, "n1")
+                           if x.split()[2] == "NdmzDriftRepaired") == 2, 30, what="both repairs as events")
 
     # etcd goes away (a crash) and comes back; the node's /status says so meanwhile, from memory.
     mesh.etcd.kill()

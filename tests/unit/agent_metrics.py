@@ -102,6 +102,7 @@ def full_metrics(peer_series_limit: int = 100) -> tuple[AgentMetrics, Snapshot, 
     snap.observed_ndmz({"ndmz": counters(1, **node_zero), "host": counters(1, inbound=0, to_node=0)})
     snap.observed_ndmz({"ndmz": counters(1, **{**node_zero, "connections": 3, "inbound": 1}),
                         "host": counters(1, inbound=5, to_node=0)})
+    snap.ndmz_passed(writes=1, baseline=True)  # a rule of its table deleted by hand, written back
     m.reconcile.labels(network="blue", result="converged").inc()
     m.reconcile_duration.labels(network="blue").observe(0.003)
     m.reconcile_failed("blue", TimeoutError())

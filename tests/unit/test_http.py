@@ -110,8 +110,18 @@ def test_every_metric_follows_the_naming_conventions():
                      "zmesh_dataplane_writes", "zmesh_network_resources", "zmesh_wireguard_peers",
                      "zmesh_wireguard_peer_handshake_age_seconds", "zmesh_etcd_request_duration_seconds",
                      "zmesh_etcd_revision_lag", "zmesh_workqueue_oldest_key_age_seconds", "zmesh_build_info",
-                     "zmesh_events", "zmesh_drift_repairs"):
+                     "zmesh_events", "zmesh_drift_repairs", "zmesh_ndmz_drift_repairs"):
         assert expected in names
+
+
+def test_ndmz_drift_repairs_are_exported_from_zero_before_the_ndmz_is_read():
+    snap = Snapshot("n1")
+    m = AgentMetrics("n1", "0.1.0", snapshot=snap)
+    assert samples(m.exposition().decode())[("zmesh_ndmz_drift_repairs_total", ())] == 0
+    assert ("zmesh_ndmz_connections_total", ()) not in samples(m.exposition().decode())  # not read yet
+    snap.ndmz_passed(writes=3, baseline=True)
+    snap.ndmz_passed(writes=0, baseline=True)  # converged: nothing to repair
+    assert samples(m.exposition().decode())[("zmesh_ndmz_drift_repairs_total", ())] == 1
 
 
 def test_two_agents_in_one_process_have_separate_registries():

@@ -333,5 +333,9 @@ def test_the_ndmz_counts_its_tables_apart_and_an_nr_without_ruleset_has_no_inter
     assert snap.view()["ndmz"]["observeError"] == "host: nft failed"
     snap.observed_ndmz({"ndmz": table(1, inbound=5), "host": table(1, inbound=3)})
     assert snap.view()["ndmz"]["droppedPackets"]["inbound"] == 5
+    assert snap.view()["ndmz"]["driftRepairs"] == 0
+    assert snap.ndmz_passed(writes=2, baseline=True) and not snap.ndmz_passed(writes=0, baseline=True)
+    assert not snap.ndmz_passed(writes=4, baseline=False)  # the first pass, or one after a failure
+    assert snap.view()["ndmz"]["driftRepairs"] == 1
     snap.planned(plan(peer("n2")))
     assert snap.network_view("blue")["internet"] is None

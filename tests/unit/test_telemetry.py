@@ -119,7 +119,25 @@ def test_the_ndmz_made_repaired_failing_and_recovered_are_node_events():
 def test_writes_in_the_first_pass_over_an_ndmz_found_at_start_are_not_drift():
     t, rec, _ = telemetry()
     t.ndmz_passed("zmndmz", created=False, writes=1, baseline=False, rebuilt=False, failed=None)
-    assert rec.events == []
+    assert rec.events == [] and t.snapshot.ndmz_drift_repairs == 0
+
+
+def test_ndmz_drift_repairs_are_counted_once_each_with_their_event():
+    t, rec, _ = telemetry()
+    t.ndmz_passed("zmndmz", created=True, writes=9, baseline=False, rebuilt=True, failed=None)  # built
+    t.ndmz_passed("zmndmz", created=False, writes=0, baseline=True, rebuilt=False, failed=None)  # converged
+    assert t.snapshot.ndmz_drift_repairs == 0
+    t.ndmz_passed("zmndmz", created=False, writes=1, baseline=True, rebuilt=False, failed=None)  # a rule
+    assert t.snapshot.ndmz_drift_repairs == 1
+    # Its namespace deleted by hand and made again: a repair too, besides being created.
+    t.ndmz_passed("zmndmz", created=True, writes=9, baseline=True, rebuilt=True, failed=None)
+    assert t.snapshot.ndmz_drift_repairs == 2
+    assert node_events(rec) == [("Normal", "NdmzCreated"), ("Warning", "NdmzDriftRepaired"),
+                                ("Normal", "NdmzCreated"), ("Warning", "NdmzDriftRepaired")]
+    # What a pass after a failure writes is the recovery, not drift.
+    t.ndmz_failed("zmndmz", "nft: table busy", failed=None)
+    t.ndmz_passed("zmndmz", created=False, writes=3, baseline=False, rebuilt=False, failed="nft: table busy")
+    assert t.snapshot.ndmz_drift_repairs == 2
 
 
 def test_a_network_that_cannot_be_named_is_refused_once_as_a_node_event():
