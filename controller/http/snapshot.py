@@ -395,9 +395,14 @@ class Snapshot:
             "time": iso_time(now),
             "staleAfterSeconds": self.stale_after,
             "networks": [self.network_view(name, now) for name in sorted(self.networks)],
-            "ndmz": self.ndmz.view(DROP_REASONS, traffic=False) | {"driftRepairs": self.ndmz_drift_repairs}
-            if self.ndmz.read else None,
+            "ndmz": self.ndmz_view(),
         }
+
+    def ndmz_view(self) -> dict | None:
+        """The node's ndmz counters (/status and the mesh page); None until its tables were read."""
+        if not self.ndmz.read:
+            return None
+        return self.ndmz.view(DROP_REASONS, traffic=False) | {"driftRepairs": self.ndmz_drift_repairs}
 
     def network_view(self, name: str, now: float | None = None) -> dict | None:
         nr = self.networks.get(name)

@@ -1,6 +1,7 @@
 """The data behind the mesh page (/mesh/data): for every network of this node, its nodes (role,
 liveness, whether it is the aggregator), this node's peers with their states and handshake
-ages, every node's conditions and the network's recent events; and the node's own events.
+ages, its NR's Internet counters, every node's conditions and the network's recent events; and
+the node's own events and its ndmz's counters.
 
 What this node watches anyway (specs, peers' facts and liveness) and what it observed (the
 Snapshot) is read from memory, and so are the node's own events (its recorder's). Other nodes'
@@ -49,6 +50,7 @@ class MeshView:
         networks = [await self._network(name, problems) for name in names]
         return {"node": self.node_id, "time": iso_time(time.time()), "problems": problems,
                 "staleAfterSeconds": self.snapshot.stale_after, "networks": networks,
+                "ndmz": self.snapshot.ndmz_view(),
                 "nodeEvents": [e.model_dump(mode="json", exclude_none=True)
                                for e in self.node_events()[-MAX_EVENTS:]]}
 
@@ -86,6 +88,7 @@ class MeshView:
             "aggregators": list(network.spec.aggregators) if network else [],
             "nodes": drawn,
             "peers": own.get("peers", []),
+            "internet": own.get("internet"),  # this node's NR: NAT and firewall counters
             "observedAt": own.get("observedAt"),
             "observeError": own.get("observeError"),
             "events": [e.model_dump(mode="json", exclude_none=True) for e in events],
@@ -106,7 +109,6 @@ class MeshView:
         self._cache = {k: v for k, v in self._cache.items() if k in self.snapshot.networks}
         self._cache[name] = (time.monotonic(), statuses, events)
         return statuses, events
-
 
 
 def _condition(c: Condition) -> dict:

@@ -21,11 +21,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from internetlib import ping_from
 from meshlib import (
     OBSERVE_FAST, network_manifest, pinging, running_mesh, wait_until, wireguard_udp_dropped, workload_manifest,
 )
 
 from controller.planner import names
+from controller.sim.world import INTERNET_HOST, run_ip_batch
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.etcd]
 
@@ -64,6 +66,22 @@ def peer_metric(mesh, node: str, name: str, peer: str) -> float | None:
     if f'peer="{peer}"' not in text:
         return None
     return metric_total(text, name, network="blue", peer=peer)
+
+
+def flat_counters(view: dict) -> dict[str, int]:
+    """/status's Internet counters as the mesh page keys its cells (dropped.<reason>)."""
+    return {k: v for k, v in view.items() if isinstance(v, int)} | {
+        f"dropped.{r}": n for r, n in view["droppedPackets"].items()}
+
+
+def internet_counters(mesh) -> dict[str, int]:
+    (blue,) = [n for n in mesh.get_json("n1", "/status")["networks"] if n["name"] == "blue"]
+    return flat_counters(blue["internet"])
+
+
+def ndmz_counters(mesh) -> dict[str, int]:
+    ndmz = mesh.get_json("n1", "/status")["ndmz"]
+    return flat_counters(ndmz) if ndmz else {"connections": 0}  # not read yet
 
 
 def peer_state(mesh, node: str, peer: str) -> str | None:
@@ -125,6 +143,15 @@ needs_chromium = pytest.mark.skipif(not shutil.which("chromium"), reason="chromi
 @needs_chromium
 async def test_a_peer_whose_wireguard_udp_is_dropped_turns_stale_everywhere_an_operator_looks(mesh):
     build(mesh, hidden=("h1",), aggregators=("n2",))
+    # w1 on the Internet through n1, and once from an address that is not its own: NAT and
+    # firewall counters for the page to show.
+    w1 = mesh.workload_ns("w1")
+    assert mesh.world.http_get(w1)
+    run_ip_batch(w1, ["addr add 192.0.2.99/32 dev lo"])
+    assert not ping_from(w1, "192.0.2.99", str(INTERNET_HOST))
+    wait_until(lambda: (i := internet_counters(mesh))["connections"] >= 1 and i["dropped.spoofed"] >= 1
+               and ndmz_counters(mesh)["connections"] >= 1, 30, interval=0.3,
+               what="n1 counting w1's Internet traffic and its spoofed packet")
     port = (await mesh.wg_device("n3", "blue")).listen_port
     age_before = peer_metric(mesh, "n1", "zmesh_wireguard_peer_handshake_age_seconds", "n3")
     assert age_before is not None
@@ -158,7 +185,9 @@ async def test_a_peer_whose_wireguard_udp_is_dropped_turns_stale_everywhere_an_o
         # The mesh page, rendered by a real browser, with what n1 sees.
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         screenshot = ARTIFACTS / "mesh-page-stale-peer.png"
+        before = (internet_counters(mesh), ndmz_counters(mesh))
         page = render(mesh.url("n1", "/mesh"), screenshot)
+        after = (internet_counters(mesh), ndmz_counters(mesh))
         print(f"mesh page screenshot: {screenshot}")
         (section,) = page.find("section", data_network="blue")
         nodes = {a["data-node"]: a for a in page.find("g", **{"class": "node"})}
@@ -179,6 +208,17 @@ async def test_a_peer_whose_wireguard_udp_is_dropped_turns_stale_everywhere_an_o
         assert page.find("tr", **{"class": "event", "data-reason": "PeerStale"})
         assert page.find("tr", **{"class": "node-event", "data-reason": "AgentStarted"})  # n1's own
         assert page.find("span", id="live", **{"class": "muted"})  # not the "agent unreachable" style
+        # Internet access as /status counts it (between a reading before and one after the
+        # render: they only grow): blue's NR on n1 and n1's ndmz.
+        assert page.find("table", **{"class": "internet", "data-network": "blue"})
+        for table, low, high in (("internet", before[0], after[0]), ("ndmz", before[1], after[1])):
+            shown = {a["data-counter"]: int(a["data-value"]) for a in page.find("td", data_table=table)}
+            assert set(shown) == set(low), table
+            assert all(low[k] <= shown[k] <= high[k] for k in shown), (table, low, shown, high)
+        text = "".join(page.text)
+        assert "Internet connections" in text and "dropped: spoofed source address" in text
+        assert {a["data-counter"] for a in page.find("td", data_table="internet") if int(a["data-value"])} >= {
+            "connections", "sentBytes", "receivedBytes", "dropped.spoofed"}
 
     # The path is back: n1 hears n3 again, says so, and records it.
     wait_until(lambda: peer_metric(mesh, "n1", "zmesh_wireguard_peer_stale", "n3") == 0, 60,
