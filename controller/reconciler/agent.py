@@ -122,7 +122,7 @@ class Agent:
     async def run(self) -> None:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.state.claim_prefix(cfg.name_prefix)  # before anything is touched
+        await self.state.claim_prefix(cfg.name_prefix)  # before anything is touched
         port = await self.http.start()
         log.info("node %s: metrics on %s:%d, WireGuard backend %s, host netns %s",
                  cfg.node_id, cfg.metrics_host, port, self.wireguard.kind, cfg.host_netns or "(own)")

@@ -117,7 +117,7 @@ class NdmzReconciler:
         forwarding = old.host_forwarding if old and old.host_forwarding is not None else None
         if up.mode != DUAL_NIC and forwarding is None:
             forwarding = await sysctl_get(self.host_netns, FORWARDING)
-        self.state.record_ndmz(NdmzRecord(d.netns, self.host_netns, d.host_table,
+        await self.state.record_ndmz(NdmzRecord(d.netns, self.host_netns, d.host_table,
                                           up.ifname if up.mode == DUAL_NIC else None, forwarding))
         seen = await Observation.of(self.links, d.netns)
         existed, fresh = seen.state is not None, seen.fresh

@@ -48,7 +48,7 @@ async def purge_node(*, state_dir: Path | str, name_prefix: str) -> list[str]:
             if netns_exists(netns) and await delete_netns(netns):
                 removed.append(f"netns {netns}")
             keys.remove(ifname)
-            state.forget(network)
+            await state.forget(network)
         for ifname in sorted(devices):  # started but never recorded as an NR (crash in between)
             if await wg.delete_device(ifname, ""):
                 removed.append(f"wireguard-go {ifname}")
@@ -79,5 +79,5 @@ async def _purge_ndmz(state: LocalState, links: Links) -> list[str]:
             removed.append(f"nftables table inet {ndmz.host_table} in {where}")
         if ndmz.host_forwarding == "0" and await sysctl_set(ndmz.host_netns, "net.ipv4.ip_forward", "0"):
             removed.append(f"IPv4 forwarding in {where} (off again, as before)")
-    state.record_ndmz(None)
+    await state.record_ndmz(None)
     return removed

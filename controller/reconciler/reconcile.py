@@ -211,31 +211,34 @@ class Reconciler:
     async def _converge(self, network: Network) -> Outcome:
         name = network.name
         own = network.spec.resource_for(self.ctx.node_id)
-        record = self.state.networks.get(name)
-        # Allocate and record in one step with no await in between: networks reconcile
-        # concurrently, and another one must see this port taken the moment it is chosen.
-        # A busy port is held by a pseudo-network whose name sorts before every real one, so the
-        # pure allocator moves whoever had it to the next free port.
-        in_use = {**self.state.ports(), **{f"\0busy:{p}": p for p in self._busy_ports}}
-        try:
-            port = allocate_listen_port(self.port_range, in_use, name)
-        except PortsExhausted as e:
-            port = None
-            exhausted = e
-        workloads, broken = self.scope.workloads_of(name)
-        previous = held_addresses(record.workloads if record else {}, self._published_addresses(name, workloads))
-        # A workload whose spec became unreadable stays attached exactly as it was, keeping
-        # its address (bad input never hurts what was running).
-        kept = {w: ip for w, ip in previous.items() if w in broken}
-        allocations, ip_problems = allocate_workload_ips(own.subnet, workloads, previous, reserved=kept)
-        # The public leg's address too, in the same step: no other NR may take it meanwhile.
-        try:
-            public_ip = allocate_public_ip(self.state.public_ips(), name)
-        except PublicAddressesExhausted as e:
-            public_ip, exhausted = None, e
-        if port is not None and public_ip is not None:
-            # Recorded before anything is created: ownership survives a crash at any later point.
-            self.state.record(name, port, {**allocations, **kept}, public_ip)
+        # Allocate and record under the record's lock: networks reconcile concurrently, and
+        # another one must see this port taken the moment it is chosen; nothing chosen is used
+        # before its record is durable (a failed write fails this reconcile, and it is retried).
+        async with self.state.exclusive():
+            record = self.state.networks.get(name)
+            # A busy port is held by a pseudo-network whose name sorts before every real one, so
+            # the pure allocator moves whoever had it to the next free port.
+            in_use = {**self.state.ports(), **{f"\0busy:{p}": p for p in self._busy_ports}}
+            try:
+                port = allocate_listen_port(self.port_range, in_use, name)
+            except PortsExhausted as e:
+                port = None
+                exhausted = e
+            workloads, broken = self.scope.workloads_of(name)
+            previous = held_addresses(record.workloads if record else {},
+                                      self._published_addresses(name, workloads))
+            # A workload whose spec became unreadable stays attached exactly as it was, keeping
+            # its address (bad input never hurts what was running).
+            kept = {w: ip for w, ip in previous.items() if w in broken}
+            allocations, ip_problems = allocate_workload_ips(own.subnet, workloads, previous, reserved=kept)
+            # The public leg's address too, in the same step: no other NR may take it meanwhile.
+            try:
+                public_ip = allocate_public_ip(self.state.public_ips(), name)
+            except PublicAddressesExhausted as e:
+                public_ip, exhausted = None, e
+            if port is not None and public_ip is not None:
+                # Recorded before anything is created: ownership survives a crash at any later point.
+                await self.state.record(name, port, {**allocations, **kept}, public_ip)
         await self._publish_broken_workloads(broken)
         if port is None or public_ip is None:
             reason = "PortsExhausted" if port is None else "PublicAddressesExhausted"
@@ -431,7 +434,7 @@ class Reconciler:
         await self._delete_own(self.store.layout.facts(self.ctx.node_id, name))
         await self._delete_own(self.store.layout.verdicts(self.ctx.node_id, name))
         await self._delete_own(self.store.layout.nr_status(self.ctx.node_id, name))
-        self.state.forget(name)
+        await self.state.forget(name)
         self.telemetry.removed(name)
         log.info("removed network resource %s", name)
 
@@ -571,7 +574,7 @@ class Reconciler:
 
     def _published_addresses(self, network: str, workloads) -> dict:
         """workload -> the address this node published for it in `network` (from the cache of
-        its own keys: no await, so allocation stays atomic with its record)."""
+        its own keys, read under the record's lock with the allocation)."""
         out = {}
         for w in workloads:
             st = self._current_workload_status(w.name)
@@ -594,8 +597,7 @@ class Reconciler:
         for name in stale:
             await self._delete_own(self.store.layout.workload_status(self.ctx.node_id, name))
         if stale:
-            self.state.record(network, record.listen_port,
-                              {w: ip for w, ip in record.workloads.items() if w not in stale})
+            await self.state.release_workloads(network, stale)
 
 
 def stale_own_keys(layout, node: str, own_keys: set[str], networks: set[str], workloads: set[str]) -> list[str]:

@@ -35,7 +35,7 @@ async def test_purge_removes_what_the_agent_recorded_and_nothing_else(tmp_path):
     wg = UserspaceBackend(str(tmp_path), None, links)
     try:
         # What an agent leaves behind: a recorded NR with its wireguard-go and key.
-        LocalState(tmp_path).record("blue", 51820)
+        await LocalState(tmp_path).record("blue", 51820)
         KeyStore(str(tmp_path)).load_or_create(ifname)
         await links.ensure_nr(nr)
         await wg.ensure_device(ifname, nr)
