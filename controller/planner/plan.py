@@ -49,6 +49,7 @@ NO_COMMON_FAMILY = "NoCommonAddressFamily"  # a public peer has no address famil
 NO_AGGREGATOR = "NoAggregator"  # hidden NRs exist but no aggregator is usable
 WORKLOAD_PENDING = "WorkloadAddressPending"  # a workload has no allocated address
 INVALID_FACTS = "InvalidPeerFacts"  # published facts are malformed, or their key is another NR's
+SUBNET_PENDING = "PeerSubnetPending"  # a peer publishes another subnet than the spec gives it
 INVALID_VERDICTS = "InvalidPeerVerdicts"  # published probe verdicts are malformed: ignored
 EGRESS_UNREACHABLE = "EgressUnreachable"  # the network's egress NR cannot be reached: no Internet
 
@@ -211,7 +212,8 @@ def plan_network(
     the network are ignored; facts naming another network or node are not trusted; this node's
     own entry only tells whether it has published, which it must have to be a candidate
     aggregator, as for everyone). `bad_facts`: node -> why what it published is not valid facts
-    (reported, not peered). `alive`: nodes with a live lease, this one included, None when
+    (reported, not peered); valid facts naming another subnet than the spec gives that node
+    are reported (`PeerSubnetPending`) and peered by the spec's subnet. `alive`: nodes with a live lease, this one included, None when
     liveness is unknown (then every node counts as alive). `verdicts`: prober -> probed node ->
     verdict state, as published (aggregator.py); `bad_verdicts`: node -> why what it published
     is not valid verdicts (reported; that node's verdicts count as none). `workloads`: any
@@ -244,7 +246,12 @@ def plan_network(
                                 r.node))
         else:
             key_owner[published.publicKey] = r.node
-            remotes.append(_Remote(r.node, r.subnet, published))
+            remotes.append(_Remote(r.node, r.subnet, published))  # AllowedIPs: the spec's subnet
+            if published.subnet != r.subnet:
+                # Usually a subnet change the peer has not applied yet (it clears when it has);
+                # else a peer that is wrong. Either way the spec decides, and it stays peered.
+                issues.append(Issue(SUBNET_PENDING, f"waiting for node {r.node!r} to apply subnet "
+                                    f"{r.subnet} (it publishes {published.subnet})", r.node))
     hidden_remotes = [r for r in remotes if not r.public]
     for node, why in sorted((bad_verdicts or {}).items()):
         if spec.resource_for(node) is not None:

@@ -82,12 +82,42 @@ async def test_hostile_facts_drop_at_most_that_peer_and_are_each_reported(mesh):
         wait_until(lambda: "invalid facts" not in status_message(), 15, what=f"n2 peered again after {case}")
         assert wg_peers(mesh, "n1") == before, case
 
-    # A subnet other than the spec's is no way in: AllowedIPs come from the spec, never from facts.
-    reconciles = mesh.metric_sum("n1", "zmesh_reconcile_total", network="blue")
-    mesh.etcdctl("put", FACTS, "--", json.dumps({**good, "subnet": n3["subnet"]}))
-    wait_until(lambda: mesh.metric_sum("n1", "zmesh_reconcile_total", network="blue") > reconciles + 1, 15,
-               what="n1 reconciled blue after the put")
-    assert wg_peers(mesh, "n1") == before
-
     assert mesh.ready("n1") and "Traceback" not in mesh.world.agent_log("n1")
     assert mesh.ping(mesh.workload_ns("w1"), IPS["w3"])
+
+
+def degraded(mesh, node: str) -> dict:
+    status = mesh.nr_status(node, "blue") or {}
+    return next((c for c in status.get("conditions", []) if c["type"] == "Degraded"), {})
+
+
+async def test_a_peer_publishing_another_subnet_is_awaited_and_everyone_stays_peered(mesh):
+    """As during a subnet change before n2 has applied it (or from a wrong n2): its peers say
+    whom they wait for, keep the spec's subnet for AllowedIPs (no way in for n3's subnet), stay
+    converged with each other and with n2, and the report goes by itself once n2 catches up."""
+    mesh.start("n1", "n2", "n3")
+    mesh.apply(three_node_network(mesh))
+    mesh.wait_mesh(IPS)
+    good_raw = mesh.etcdctl("get", "--print-value-only", FACTS).stdout.strip()
+    good = json.loads(good_raw)
+    mesh.world.stop_agent("n2")  # n2 would publish its true facts again: the forger owns the key now
+    before = {n: wg_peers(mesh, n) for n in ("n1", "n3")}
+    waiting = "waiting for node 'n2' to apply subnet 10.1.2.0/24 (it publishes 10.1.3.0/24)"
+
+    mesh.etcdctl("put", FACTS, "--", json.dumps({**good, "subnet": "10.1.3.0/24"}))  # n3's subnet
+    for node in ("n1", "n3"):
+        wait_until(lambda node=node: waiting in degraded(mesh, node).get("message", ""), 15,
+                   what=f"{node} says it waits for n2's subnet")
+        condition = degraded(mesh, node)
+        assert (condition["status"], condition["reason"]) == ("True", "PeerSubnetPending")
+        assert wg_peers(mesh, node) == before[node]  # AllowedIPs from the spec, never from facts
+    assert all(mesh.matrix(IPS).values())  # n2's dataplane outlives its agent: still peered
+    assert mesh.ready("n1") and mesh.ready("n3")
+
+    mesh.etcdctl("put", FACTS, "--", good_raw)  # n2 caught up
+    for node in ("n1", "n3"):
+        wait_until(lambda node=node: degraded(mesh, node).get("status") == "False", 15,
+                   what=f"{node} no longer waits for n2")
+        assert degraded(mesh, node)["reason"] == "AsDesired"
+        assert wg_peers(mesh, node) == before[node]
+    assert all(mesh.matrix(IPS).values())

@@ -10,8 +10,8 @@ from controller.models.resources import Workload
 from controller.planner import names
 from controller.planner.aggregator import FAILED_OVER, FAILING, PREFERRED, rendezvous_order
 from controller.planner.plan import (
-    HIDDEN_KEEPALIVE, INVALID_FACTS, NO_AGGREGATOR, NO_COMMON_FAMILY, PEER_PENDING, WORKLOAD_PENDING,
-    DesiredPeer, NodeContext, choose_endpoint,
+    HIDDEN_KEEPALIVE, INVALID_FACTS, NO_AGGREGATOR, NO_COMMON_FAMILY, PEER_PENDING, SUBNET_PENDING,
+    WORKLOAD_PENDING, DesiredPeer, NodeContext, choose_endpoint,
 )
 
 
@@ -149,6 +149,21 @@ def test_invalid_facts_are_reported_and_that_peer_alone_is_not_peered():
     [issue] = nr.issues
     assert (issue.reason, issue.subject) == (INVALID_FACTS, "p2")
     assert "listenPort: must be 1-65535" in issue.message
+
+
+def test_a_peer_publishing_another_subnet_is_awaited_and_peered_by_the_specs_subnet():
+    # p2's subnet changed in the spec (10.1.2.0/24) before p2 reconciled: it still publishes the old.
+    published = all_facts()
+    published["p2"] = facts("p2", subnet="10.1.9.0/24")
+    nr = plan("p1", published=published)
+    [issue] = nr.issues
+    assert (issue.reason, issue.subject) == (SUBNET_PENDING, "p2")
+    assert issue.message == "waiting for node 'p2' to apply subnet 10.1.2.0/24 (it publishes 10.1.9.0/24)"
+    # The spec decides AllowedIPs and routes; p2 and everyone else stay peered as before.
+    assert nr.peers == plan("p1").peers and nr.routes == plan("p1").routes
+    assert N("10.1.9.0/24") not in nr.routes
+    # Once p2 publishes the spec's subnet, nothing is left to report.
+    assert plan("p1", published=all_facts()).issues == ()
 
 
 def test_a_key_published_twice_peers_only_the_first_node_by_name():
