@@ -298,6 +298,10 @@ class AgentMetrics:
                                         ["network", "reason"], registry=r)
         self.wireguard_restarts = Counter("zmesh_wireguard_restarts_total",
                                           "WireGuard devices found dead and restarted", registry=r)
+        self.wireguard_redials = Counter("zmesh_wireguard_redials_total",
+                                         "Peers dialled afresh because their first handshake was not "
+                                         "answered (a hidden NR's aggregator that did not know it yet)",
+                                         registry=r)
         self.observe_errors = Counter("zmesh_observe_errors_total",
                                       "WireGuard devices and nftables tables the observer could "
                                       "not read", registry=r)

@@ -82,3 +82,30 @@ class TunnelHealth:
     def _enter(self, state: str, now: float) -> bool:
         self.state, self.since = state, now
         return True
+
+
+FIRST_HANDSHAKE_WINDOW = 5.0  # seconds: WireGuard's REKEY_TIMEOUT, after which it retries itself
+REDIAL_INTERVAL = 1.0  # seconds between fresh dials within that window
+
+
+@dataclass
+class FirstDial:
+    """A peer an NR dials (an endpoint and persistent keepalive: a hidden NR's aggregator), from
+    when it was configured until its first handshake.
+
+    The hidden NR and its aggregator learn of each other from etcd at about the same moment, so
+    its first initiation may reach an aggregator that has not configured it yet. WireGuard meets
+    that with silence and sends the next initiation only after REKEY_TIMEOUT (5 s). Within that
+    window the peer is dialled afresh every REDIAL_INTERVAL instead; past it WireGuard's own
+    retries are as quick. Times are the caller's monotonic clock."""
+
+    configured_at: float
+    dialled_at: float
+
+    def due(self, now: float) -> bool:
+        return self.waiting(now) and now - self.dialled_at >= REDIAL_INTERVAL
+
+    def waiting(self, now: float) -> bool:
+        """Still inside the window (without a handshake, as the caller knows)."""
+        return now - self.configured_at < FIRST_HANDSHAKE_WINDOW
+

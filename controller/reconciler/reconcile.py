@@ -20,7 +20,7 @@ from controller.dataplane.accounting import count, counting
 from controller.dataplane.links import DEFAULT_ROUTE, Links, Observation, VethAttachment
 from controller.dataplane.netns import NotANetns, netns_exists, netns_identity, pinned_netns
 from controller.dataplane.wireguard.base import DesiredPeer as WgPeer
-from controller.dataplane.wireguard.base import KeyStore, WireGuardBackend, WireGuardError
+from controller.dataplane.wireguard.base import KeyStore, WireGuardBackend, WireGuardError, redial_ops
 from controller.dataplane.nftables import Nftables
 from controller.dataplane.wireguard.uapi import UAPITimeout
 from controller.http.metrics import AgentMetrics
@@ -48,6 +48,7 @@ from controller.planner.allocation import (
     allocate_workload_ips,
     held_addresses,
 )
+from controller.planner.health import REDIAL_INTERVAL, FirstDial
 from controller.planner.plan import PEER_PENDING, DesiredNR, Issue, LocalFacts, NodeContext, plan_network
 from controller.store.client import Delete, EtcdStore, StoreError
 
@@ -116,6 +117,8 @@ class Reconciler:
         # Networks reconciled at least once (to an outcome or an error), for /readyz.
         self.reconciled: set[str] = set()
         self._tearing_down: set[str] = set()
+        # Peers dialled and not answered yet, by (network, public key): planner.health.FirstDial.
+        self._first_dials: dict[tuple[str, str], FirstDial] = {}
 
     @property
     def writes(self) -> int:
@@ -257,7 +260,7 @@ class Reconciler:
                                bad_verdicts)
         self.telemetry.planned(desired)
         try:
-            observed, no_internet = await self._apply_nr(desired, private_key)
+            observed, no_internet, redial_in = await self._apply_nr(desired, private_key)
         except WireGuardError as e:
             if e.errno == errno.EADDRINUSE:
                 # Never fight another program for a port: the retry takes the next free one,
@@ -289,10 +292,14 @@ class Reconciler:
                                       unaddressed=set(ip_problems))
         await self._forget_stale_workload_statuses(name, {w.name for w in workloads} | set(kept))
         if attach_problems:
-            return Outcome("pending", WAIT_FOR_NETNS)
-        if no_internet:
-            return Outcome("pending", WAIT_FOR_NDMZ)
-        return Outcome("pending" if issues or workload_problems else "converged")
+            outcome = Outcome("pending", WAIT_FOR_NETNS)
+        elif no_internet:
+            outcome = Outcome("pending", WAIT_FOR_NDMZ)
+        else:
+            outcome = Outcome("pending" if issues or workload_problems else "converged")
+        if redial_in is not None:  # a first handshake to watch for
+            outcome = Outcome(outcome.result, min(outcome.requeue_after or redial_in, redial_in))
+        return outcome
 
     async def _apply_nr(self, desired: DesiredNR, private_key: str):
         # One observation serves every step; it is refreshed only after a step of this reconcile
@@ -326,10 +333,45 @@ class Reconciler:
                                       desired.listen_port, peers, observed=device)
         if ops:
             self._wrote("wireguard")
+        redial_in = await self._redial_unanswered(desired, peers, device)
         await self.links.ensure_routes(desired.netns, desired.wg_ifname, desired.routes,
                                        observed=await fresh())
         no_internet = await self._apply_internet(desired, observation)
-        return await fresh(), no_internet
+        return await fresh(), no_internet, redial_in
+
+    async def _redial_unanswered(self, desired: DesiredNR, peers: list[WgPeer], device) -> float | None:
+        """Dial afresh the peers this NR dials whose first handshake is unanswered, while that
+        is quicker than WireGuard's own retry (planner.health.FirstDial). `device` is the
+        device as read before this pass configured it. Returns when to look again, if at all."""
+        now = time.monotonic()
+        network = desired.network
+        seen = device.peers if device is not None else {}
+        dialled = {p.public_key: p for p in peers if p.endpoint is not None and p.persistent_keepalive}
+        for key in [k for k in self._first_dials if k[0] == network and k[1] not in dialled]:
+            del self._first_dials[key]
+        waiting = False
+        for key, peer in dialled.items():
+            state = seen.get(key)
+            if state is None:  # configured by this pass: WireGuard dials it now
+                dial = self._first_dials.setdefault((network, key), FirstDial(now, now))
+                if dial.waiting(now):
+                    waiting = True
+                else:  # the device keeps losing it: nothing to gain from dialling
+                    del self._first_dials[(network, key)]
+                continue
+            dial = self._first_dials.get((network, key))
+            if dial is None:
+                continue  # answered, or configured before this agent started: WireGuard's retries
+            if state.last_handshake or not dial.waiting(now):
+                del self._first_dials[(network, key)]
+                continue
+            if dial.due(now):
+                await self.wg.apply(desired.wg_ifname, desired.netns, redial_ops(peer))
+                self._wrote("wireguard")
+                self.metrics.wireguard_redials.inc()
+                dial.dialled_at = now
+            waiting = True
+        return REDIAL_INTERVAL if waiting else None
 
     async def _apply_internet(self, desired: DesiredNR, observation: Observation) -> str | None:
         """The NR's firewall, then its public leg into the ndmz and its default route (the
@@ -431,6 +473,8 @@ class Reconciler:
             await self._delete_own(self.store.layout.workload_status(self.ctx.node_id, workload))
         if self.prober is not None:
             self.prober.forget(name)
+        for key in [k for k in self._first_dials if k[0] == name]:
+            del self._first_dials[key]
         await self._delete_own(self.store.layout.facts(self.ctx.node_id, name))
         await self._delete_own(self.store.layout.verdicts(self.ctx.node_id, name))
         await self._delete_own(self.store.layout.nr_status(self.ctx.node_id, name))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import time
@@ -96,6 +97,37 @@ async def test_hidden_nodes_reach_everyone_through_the_aggregator(mesh):
     after = await peers_by_node(mesh, "n1")
     for h in ("h1", "h3"):
         assert after[h].rx_bytes > before[h].rx_bytes and after[h].tx_bytes > before[h].tx_bytes
+
+
+async def test_a_hidden_node_dialling_before_its_aggregator_knows_it_dials_again_without_waiting_5_s(mesh):
+    # WireGuard answers an initiation from an unknown key with silence and retries only after
+    # 5 s; the agent dials afresh every second for those 5 s (docs/agent.md, "First handshake").
+    mesh.start("n1")
+    mesh.start_hidden("r1", "h1")
+    w_n1 = workload_manifest("w-n1", "blue", "n1", mesh.add_workload_ns("w-n1"), ip_of("n1"))
+    mesh.apply(network_manifest("blue", {"n1": SUBNETS["n1"]}, aggregators=["n1"]) + w_n1)
+    wait_until(lambda: mesh.etcd_json("/zmesh/v1/nodes/n1/mesh/facts/blue"), 20, what="n1's facts")
+    # n1's agent paused (its NR goes on forwarding): nobody configures h1 on n1 meanwhile.
+    n1_agent = mesh.world.nodes["n1"].agent.pid
+    os.kill(n1_agent, signal.SIGSTOP)
+    try:
+        mesh.apply(network_manifest("blue", {n: SUBNETS[n] for n in ("n1", "h1")}, aggregators=["n1"])
+                   + w_n1 + workload_manifest("w-h1", "blue", "h1", mesh.add_workload_ns("w-h1"), ip_of("h1")))
+        wait_until(lambda: mesh.metric_sum("h1", "zmesh_wireguard_redials_total") > 0, 20,
+                   what="h1 dialling n1 afresh")
+        (peer,) = (await peers_by_node(mesh, "h1")).values()
+        assert peer.last_handshake == 0  # unanswered indeed
+    finally:
+        os.kill(n1_agent, signal.SIGCONT)
+    mesh.wait_mesh({"w-n1": ip_of("n1"), "w-h1": ip_of("h1")}, timeout=30)
+    assert (await peers_by_node(mesh, "h1"))["n1"].last_handshake > 0
+
+    # Answered: no more fresh dials, however often h1 looks again.
+    redials = mesh.metric_sum("h1", "zmesh_wireguard_redials_total")
+    reconciles = mesh.metric_sum("h1", "zmesh_reconcile_total", network="blue")
+    wait_until(lambda: mesh.metric_sum("h1", "zmesh_reconcile_total", network="blue") >= reconciles + 2, 30,
+               what="two more reconciles of h1")
+    assert mesh.metric_sum("h1", "zmesh_wireguard_redials_total") == redials
 
 
 async def test_home_router_masquerades_and_drops_unsolicited_inbound(mesh):

@@ -25,6 +25,7 @@ from controller.dataplane.wireguard.base import (
     key_bytes,
     peer_ops,
     public_key,
+    redial_ops,
 )
 from controller.dataplane.wireguard.uapi import UAPIError, format_set, parse_get
 
@@ -148,6 +149,18 @@ def test_device_ops_key_and_port():
     assert device_ops(done, priv, 51821, []).listen_port == 51821
     other = generate_private_key()
     assert device_ops(done, other, 51820, []).private_key == other
+
+
+def test_a_redial_removes_and_adds_the_peer_again_in_one_transaction():
+    peer = DesiredPeer.make(K[0], ["10.1.0.0/16"], "198.51.100.2:51820", 25)
+    ops = redial_ops(peer)
+    assert ops.private_key is None and ops.listen_port is None
+    assert ops.peers == (PeerOp(K[0], remove=True),
+                         PeerOp(K[0], endpoint="198.51.100.2:51820", persistent_keepalive=25,
+                                add_allowed_ips=nets("10.1.0.0/16")))
+    hx = b64_to_hex(K[0])
+    assert format_set(ops) == (f"public_key={hx}\nremove=true\npublic_key={hx}\nendpoint=198.51.100.2:51820\n"
+                               "persistent_keepalive_interval=25\nallowed_ip=10.1.0.0/16\n")
 
 
 def test_format_set_and_parse_get_round_trip():

@@ -22,7 +22,7 @@ from controller.planner.aggregator import (
     choose_aggregator,
     rendezvous_order,
 )
-from controller.planner.health import TunnelHealth
+from controller.planner.health import FIRST_HANDSHAKE_WINDOW, REDIAL_INTERVAL, FirstDial, TunnelHealth
 
 PUBLIC = ("a", "b", "c")
 HIDDEN = ("h1", "h2")
@@ -284,3 +284,22 @@ def test_one_node_lying_about_every_tunnel_cannot_move_the_aggregator():
     verdicts["b"] = {"a": FAILING, "c": FAILING}
     assert blamed_nodes(verdicts) == {"b"}
     assert choose(verdicts=verdicts).reason == PREFERRED
+
+
+# --- the first handshake of a dialled peer --------------------------------------------------
+
+def test_an_unanswered_first_dial_is_repeated_every_interval_within_the_window():
+    dial = FirstDial(configured_at=100.0, dialled_at=100.0)
+    assert not dial.due(100.0 + REDIAL_INTERVAL / 2)  # WireGuard's own first initiation is fresh
+    assert dial.due(100.0 + REDIAL_INTERVAL)
+    dial.dialled_at = 100.0 + REDIAL_INTERVAL
+    assert not dial.due(100.0 + REDIAL_INTERVAL * 1.5)
+    assert dial.due(100.0 + REDIAL_INTERVAL * 2)
+
+
+def test_past_the_window_wireguards_own_retries_take_over():
+    dial = FirstDial(configured_at=100.0, dialled_at=100.0)
+    assert dial.waiting(100.0 + FIRST_HANDSHAKE_WINDOW - 0.01)
+    assert not dial.waiting(100.0 + FIRST_HANDSHAKE_WINDOW)
+    assert not dial.due(100.0 + FIRST_HANDSHAKE_WINDOW + REDIAL_INTERVAL)
+

@@ -243,6 +243,16 @@ def device_ops(
     return DeviceOps(private_key=pk, listen_port=port, peers=peer_ops(observed.peers, peers))
 
 
+def redial_ops(peer: DesiredPeer) -> DeviceOps:
+    """`peer` removed and added again in one transaction (pure): a fresh peer has no handshake
+    history, so WireGuard dials it at once (with persistent keepalive on) instead of waiting
+    out the REKEY_TIMEOUT (5 s) that follows an initiation nobody answered."""
+    return DeviceOps(peers=(PeerOp(peer.public_key, remove=True),
+                            PeerOp(peer.public_key, endpoint=peer.endpoint,
+                                   persistent_keepalive=peer.persistent_keepalive,
+                                   add_allowed_ips=peer.allowed_ips)))
+
+
 # --- backend interface --------------------------------------------------------------------
 
 
