@@ -478,6 +478,7 @@ async def test_a_listen_port_held_by_another_program_is_left_to_it(mesh):
         squatter.bind(("0.0.0.0", 51820))
         mesh.world.start_agent("n1")
         mesh.start("n2")
+        wait_until(lambda: mesh.ready("n1"), 30, what="agent n1 ready")  # registered, so apply admits it
         two = {w: IPS[w] for w in ("w1", "w2")}
         manifest = network_manifest("blue", {"n1": SUBNETS["n1"], "n2": SUBNETS["n2"]})
         manifest += "".join(workload_manifest(w, "blue", NODE_OF[w], mesh.add_workload_ns(w), ip)

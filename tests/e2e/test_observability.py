@@ -178,9 +178,10 @@ async def test_a_peer_whose_wireguard_udp_is_dropped_turns_stale_everywhere_an_o
             out = mesh.zmesh("describe", "network", "blue").stdout
             return out if "PeerStale" in out else None
         out = wait_until(described, 20, what="the PeerStale event in zmesh describe")
-        (line,) = [x for x in out[out.index("Events:"):].splitlines() if "PeerStale" in x]
-        assert line.split()[1:4] == ["n1", "Warning", "PeerStale"]
-        assert line.endswith("peer n3: no reply for more than 16 s while sending to it")
+        # n1's, about n3 (under load another node may find n3 stale too, each with its own line).
+        lines = [x for x in out[out.index("Events:"):].splitlines() if "PeerStale" in x]
+        assert any(x.split()[1:4] == ["n1", "Warning", "PeerStale"]
+                   and x.endswith("peer n3: no reply for more than 16 s while sending to it") for x in lines), lines
 
         # The mesh page, rendered by a real browser, with what n1 sees.
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
