@@ -60,11 +60,18 @@ def processes(*comms: str) -> dict[int, str]:
     return found
 
 
-def alive(pid: int) -> bool:
+def state(pid: int) -> tuple[str, int] | None:
+    """(state, parent PID) of `pid` as /proc says it, None when there is no such process."""
     try:
-        return (Path("/proc") / str(pid) / "stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
+        fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1])
+
+
+def alive(pid: int) -> bool:
+    st = state(pid)
+    return st is not None and st[0] != "Z"
 
 
 class Snapshot:
@@ -149,7 +156,10 @@ def leftovers(run: DemoRun, before: Snapshot) -> list[str]:
             continue
         ours = (wid and f" {wid}" in cmdline) or (etcd and etcd[1] in cmdline)
         if ours:
-            left.append(f"pid {pid} {cmdline.strip()}")
+            # Which process, whose child, in which state: enough to tell a leftover of the
+            # demo from one still exiting (seen once, not reproduced since).
+            st, printed = state(pid), " (the etcd the demo printed)" if etcd and pid == etcd[0] else ""
+            left.append(f"pid {pid}{printed} state/parent {st} {cmdline.strip()}")
     for pid in run.agent_pids + ([etcd[0]] if etcd else []):
         if alive(pid):
             left.append(f"pid {pid} still running")
